@@ -1,10 +1,20 @@
 """QuantizedTensor: an 8-bit weight that behaves like the float tensor it replaces.
 
 It holds ``qdata`` ([N, K], int8 or float8_e4m3fn), ``scale`` (float32, shape per format, see
-``ditq.formats``) and the format name, reports the original weight's shape and dtype, moves its two
-inner tensors together (``.to``, ``.cpu()``, ``pin_memory``, ``copy_``, ``state_dict`` round trips) and
-sends ``F.linear`` to ditq's kernels. It is a traceable wrapper subclass (``__tensor_flatten__``), so
-``torch.compile`` sees through it.
+``ditq.formats``) and the format name, reports the original weight's shape [N, K] and dtype (the compute
+dtype), and moves its two inner tensors together: ``.to`` / ``.cpu()`` / ``.cuda(non_blocking=True)``,
+``pin_memory``, ``copy_``, ``param.data = other``, ``record_stream``, ``state_dict`` / ``load_state_dict``,
+``torch.save`` / ``torch.load(weights_only=True)``, ``copy.deepcopy``.
+
+``F.linear(x, qweight, bias)`` (so every ``nn.Linear`` holding one) goes straight to
+``ditq.kernels.ops.linear``: ``__torch_function__`` intercepts it before autograd and aten see the call,
+so an eager call costs one Python function on top of the kernel wrapper. Every other torch function runs
+as usual on the wrapper and reaches ``__torch_dispatch__``, which supports the data-movement ops and
+refuses math (``.dequantize()`` first).
+
+It is a traceable wrapper subclass (``__tensor_flatten__`` / ``__tensor_unflatten__``): under
+``torch.compile`` Dynamo inlines ``__torch_function__``, the graph sees the plain ``qdata`` / ``scale``
+tensors and the kernel custom op, and there is no graph break.
 """
 
 from __future__ import annotations
@@ -18,8 +28,16 @@ from .kernels import ops
 
 aten = torch.ops.aten
 
+_F_LINEAR = Fn.linear
+_DATA_SET = torch.Tensor.data.__set__
+
 
 class QuantizedTensor(torch.Tensor):
+    """An [N, K] weight stored as ``qdata`` (storage dtype of ``format``) times ``scale`` (float32).
+
+    ``dtype`` is the dtype the weight reports and dequantizes to by default (the original weight's, or
+    the one a later ``model.to(dtype)`` asked for); ``qdata`` never changes dtype."""
+
     qdata: torch.Tensor
     scale: torch.Tensor
     format: str
@@ -32,6 +50,8 @@ class QuantizedTensor(torch.Tensor):
 
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, format: str, dtype: torch.dtype = torch.bfloat16):
         fmt = F.get_format(format)
+        if qdata.dim() != 2:
+            raise ShapeError(f"a QuantizedTensor holds a 2-D [N, K] weight, got qdata of shape {list(qdata.shape)}")
         if qdata.dtype != fmt.storage:
             raise FormatError(f"format {fmt.name} stores {fmt.storage}, got qdata of dtype {qdata.dtype}")
         expected = fmt.weight_scale_shape(*qdata.shape)
@@ -40,9 +60,23 @@ class QuantizedTensor(torch.Tensor):
                 f"format {fmt.name} with weight shape {list(qdata.shape)} needs a scale of shape {list(expected)}, "
                 f"got {list(scale.shape)}"
             )
+        if scale.device != qdata.device:
+            raise FormatError(f"qdata is on {qdata.device} but its scale on {scale.device}; move both together")
+        self._set_inner(qdata, scale, fmt.name)
+
+    def _set_inner(self, qdata: torch.Tensor, scale: torch.Tensor, format: str) -> None:
         self.qdata = qdata
         self.scale = scale
-        self.format = fmt.name
+        self.format = format
+        # a plain int, so the per-call check in F.linear costs no tensor-attribute round trip
+        self._in_features = qdata.shape[1]
+
+    @classmethod
+    def _wrap(cls, qdata, scale, format, dtype) -> "QuantizedTensor":
+        """Internal constructor without validation (inner tensors already known to be consistent)."""
+        t = torch.Tensor._make_wrapper_subclass(cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False)
+        t._set_inner(qdata, scale, format)
+        return t
 
     # -- torch.compile / serialization support -------------------------------------------------------
     def __tensor_flatten__(self):
@@ -50,7 +84,7 @@ class QuantizedTensor(torch.Tensor):
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        return QuantizedTensor(inner["qdata"], inner["scale"], *meta)
+        return QuantizedTensor._wrap(inner["qdata"], inner["scale"], *meta)
 
     def __repr__(self) -> str:
         return (
@@ -64,48 +98,105 @@ class QuantizedTensor(torch.Tensor):
 
     # -- what users call -------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight [N, K] (``dtype`` defaults to the original dtype), as ComfyUI computes it."""
+        """The float weight [N, K] (``dtype`` defaults to the reported dtype), as ComfyUI computes it."""
         return ops.dequant_weight(self.qdata, self.scale, self.format, dtype or self.dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
-        """``x @ W^T + bias`` with dynamic 8-bit activations. x: [..., K]; returns [..., N]."""
-        if x.shape[-1] != self.shape[1]:
+        """``x @ W^T + bias`` with dynamic 8-bit activations. x: [..., K]; returns [..., N] in x's dtype
+        unless ``out_dtype`` is given."""
+        if x.shape[-1] != self._in_features:
             raise ShapeError(
-                f"linear: input has {x.shape[-1]} features, the {self.format} weight {list(self.shape)} expects "
-                f"{self.shape[1]}"
+                f"linear: input of shape {list(x.shape)} has {x.shape[-1]} features, the {self.format} weight "
+                f"{list(self.qdata.shape)} expects {self._in_features}"
             )
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return _QuantizedLinearFn.apply(x, self.qdata, self.scale, self.format, bias, out_dtype)
         return ops.linear(x, self.qdata, self.scale, self.format, bias, out_dtype)
 
     @property
     def nbytes_quantized(self) -> int:
+        """Bytes actually held: qdata plus scale."""
         return self.qdata.numel() * self.qdata.element_size() + self.scale.numel() * self.scale.element_size()
 
-    def _with(self, fn) -> "QuantizedTensor":
-        return QuantizedTensor(fn(self.qdata), fn(self.scale), self.format, self.dtype)
+    def _with(self, fn, dtype: torch.dtype | None = None) -> "QuantizedTensor":
+        return QuantizedTensor._wrap(fn(self.qdata), fn(self.scale), self.format, dtype or self.dtype)
 
     # -- dispatch --------------------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is Fn.linear:
+        # The hot path: F.linear(x, qweight[, bias]) -> the kernel, with one int comparison of checking.
+        if func is _F_LINEAR:
             x, w = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(w, QuantizedTensor) and not isinstance(x, QuantizedTensor):
+                bias = args[2] if len(args) > 2 else (kwargs.get("bias") if kwargs else None)
                 return w.linear(x, bias)
+        elif func == _DATA_SET:
+            # `param.data = other` (diffusers' group offloading, accelerate) would only swap the wrapper's
+            # metadata and leave qdata/scale where they were: move the inner tensors too.
+            dst, src = args
+            if isinstance(dst, QuantizedTensor):
+                if not isinstance(src, QuantizedTensor):
+                    raise FormatError(
+                        f"cannot set .data of a {dst.format} QuantizedTensor to a plain {src.dtype} tensor; "
+                        f"assign a QuantizedTensor (ditq.quantize_weight) or replace the parameter"
+                    )
+                _set_data(dst, src)
+                return None
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            return func(*args, **(kwargs or {}))
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         handler = _DISPATCH.get(func)
         if handler is not None:
-            return handler(*args, **kwargs)
+            return handler(*args, **(kwargs or {}))
         raise NotImplementedError(
             f"QuantizedTensor does not support {func}; call .dequantize() first to get a float tensor"
         )
 
 
+class _QuantizedLinearFn(torch.autograd.Function):
+    """The quantized linear with gradients for x and bias (the weight is frozen), so LoRA adapters and
+    anything upstream of a quantized layer can train. Forward is the 8-bit kernel; backward multiplies by
+    the dequantized weight in the gradient's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, qdata, scale, fmt, bias, out_dtype):
+        ctx.save_for_backward(qdata, scale)
+        ctx.fmt = fmt
+        return ops.linear(x, qdata, scale, fmt, bias, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qdata, scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ops.dequant_weight(qdata, scale, ctx.fmt, grad_out.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, None, grad_bias, None
+
+
+def _set_data(dst: QuantizedTensor, src: QuantizedTensor) -> None:
+    """``dst.data = src`` for wrappers: the wrapper's metadata (device, dtype) and the inner tensors."""
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            _DATA_SET(dst, src)
+    except RuntimeError:
+        # set_data refuses some device pairs (e.g. to or from meta): swap in a fresh wrapper of src's parts,
+        # keeping dst's identity and its Python attributes (nn.Parameter's _is_param, hooks' tags).
+        tmp = QuantizedTensor._wrap(src.qdata, src.scale, src.format, src.dtype)
+        tmp.requires_grad_(dst.requires_grad)
+        keep = {k: v for k, v in dst.__dict__.items() if k not in _INNER_ATTRS}
+        torch.utils.swap_tensors(dst, tmp)
+        dst.__dict__.update(keep)
+    dst._set_inner(src.qdata, src.scale, src.format)
+
+
+_INNER_ATTRS = ("qdata", "scale", "format", "_in_features")
+
+
+# -- aten handlers: data movement only ------------------------------------------------------------------
 def _detach(t, *a, **k):
     return t._with(lambda x: x.detach())
 
@@ -115,40 +206,77 @@ def _clone(t, *a, **k):
 
 
 def _to_copy(t, *a, dtype=None, device=None, non_blocking=False, **k):
-    out = t._with(lambda x: x.to(device=device, non_blocking=non_blocking) if device is not None else x.clone())
-    if dtype is not None and dtype.is_floating_point:
-        # a model-wide .to(dtype) changes the compute dtype the weight reports; its 8-bit data stays
-        out = QuantizedTensor(out.qdata, out.scale, out.format, dtype)
-    return out
+    if dtype is not None and not dtype.is_floating_point:
+        raise FormatError(
+            f"cannot convert a {t.format} QuantizedTensor to {dtype}; its 8-bit data is .qdata, "
+            f"its float value .dequantize()"
+        )
+    if device is not None:
+        move = lambda x: x.to(device=device, non_blocking=non_blocking, copy=True)  # noqa: E731
+    else:
+        move = lambda x: x.clone()  # noqa: E731
+    # A model-wide .to(dtype) changes only the dtype the weight reports (its compute dtype).
+    return t._with(move, dtype)
 
 
-def _copy_(dst, src, *a, **k):
+def _copy_(dst, src, non_blocking=False, **k):
+    if not isinstance(dst, QuantizedTensor):
+        # float param <- quantized weight (load_state_dict of a quantized file into a float model)
+        return dst.copy_(src.dequantize(dst.dtype), non_blocking=non_blocking)
     if not isinstance(src, QuantizedTensor):
+        # quantized param <- float weight (load_state_dict of a float checkpoint into a quantized model)
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ShapeError(f"cannot copy a {list(src.shape)} tensor into a {list(dst.shape)} {dst.format} weight")
+        src = quantize_weight(src.to(dst.qdata.device), dst.format)
+    elif src.format != dst.format or src.shape != dst.shape:
         raise FormatError(
-            f"cannot copy a plain {src.dtype} tensor into a {dst.format} QuantizedTensor; "
-            f"quantize it first with ditq.quantize_weight(w, {dst.format!r})"
+            f"cannot copy a {src.format} {list(src.shape)} weight into a {dst.format} {list(dst.shape)} one; "
+            f"dequantize() and quantize it again, or replace the parameter"
         )
-    if src.format != dst.format or src.shape != dst.shape:
-        raise FormatError(
-            f"cannot copy a {src.format} {list(src.shape)} weight into a {dst.format} {list(dst.shape)} one"
-        )
-    dst.qdata.copy_(src.qdata)
-    dst.scale.copy_(src.scale)
+    dst.qdata.copy_(src.qdata, non_blocking=non_blocking)
+    dst.scale.copy_(src.scale, non_blocking=non_blocking)
     return dst
 
 
 def _is_pinned(t, *a, **k):
-    return t.qdata.is_pinned()
+    return t.qdata.is_pinned() and t.scale.is_pinned()
 
 
 def _pin_memory(t, *a, **k):
     return t._with(lambda x: x.pin_memory())
 
 
-def _requires_grad_(t, requires_grad=True):
-    if requires_grad:
-        raise FormatError("a QuantizedTensor cannot require grad; train a LoRA or the float weight instead")
-    return t
+def _record_stream(t, stream):
+    t.qdata.record_stream(stream)
+    t.scale.record_stream(stream)
+
+
+def _empty_like(t, *a, dtype=None, device=None, **k):
+    dev = t.device if device is None else device
+    return QuantizedTensor._wrap(
+        torch.empty_like(t.qdata, device=dev), torch.empty_like(t.scale, device=dev), t.format, dtype or t.dtype
+    )
+
+
+def _equal(a, b):
+    if not (isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor)):
+        return False
+    return a.format == b.format and torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
+
+
+def _cat(tensors, dim=0):
+    """Concatenate weights along N (e.g. diffusers' fuse_qkv_projections): rows keep their scales."""
+    first = tensors[0]
+    fmt = F.get_format(first.format)
+    if dim not in (0, -2) or fmt.weight_granularity == "tensor":
+        raise FormatError(
+            f"cannot concatenate {first.format} weights along dim {dim}; only row and block formats along dim 0"
+        )
+    if any(not isinstance(t, QuantizedTensor) or t.format != first.format for t in tensors):
+        raise FormatError("torch.cat of QuantizedTensors needs all of them in the same format")
+    return QuantizedTensor(
+        torch.cat([t.qdata for t in tensors]), torch.cat([t.scale for t in tensors]), first.format, first.dtype
+    )
 
 
 _DISPATCH = {
@@ -159,6 +287,10 @@ _DISPATCH = {
     aten.copy_.default: _copy_,
     aten.is_pinned.default: _is_pinned,
     aten._pin_memory.default: _pin_memory,
+    aten.record_stream.default: _record_stream,
+    aten.empty_like.default: _empty_like,
+    aten.equal.default: _equal,
+    aten.cat.default: _cat,
 }
 
 
@@ -171,6 +303,9 @@ def quantize_weight(
     ``rounding="nearest"`` is round-to-nearest; ``"learned"`` optimizes the rounding (see
     ``ditq.rounding``; ``options`` go there). Raises ShapeError / NonFiniteError naming ``name``."""
     fmt = F.get_format(format)
+    if isinstance(w, QuantizedTensor):
+        what = f"weight {name!r}" if name else "weight"
+        raise FormatError(f"{what} is already quantized ({w.format}); dequantize() it first")
     F.check_weight(w, fmt, name)
     if rounding == "nearest":
         if options:
