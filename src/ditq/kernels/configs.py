@@ -1,0 +1,68 @@
+"""GEMM launch configurations: pre-tuned ones for known shapes, a heuristic for the rest.
+
+The key is (format, M bucket, N, K). Tuned entries live in ``gemm_configs.json`` beside this file, written by
+``ditq bench gemm --tune`` on an H100/H200 (so nothing is searched when a process starts); an entry is a
+``Config.as_list()``. M is bucketed to the next power of two (min 16, max 32768) because the best tile
+depends on how many row tiles there are, not on the exact token count.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from . import INTERPRET
+from .gemm import Config
+
+TUNED_PATH = Path(__file__).with_name("gemm_configs.json")
+
+BLOCK_FORMATS = ("int8-block", "fp8-block")
+
+
+def m_bucket(m: int) -> int:
+    b = 16
+    while b < m and b < 32768:
+        b *= 2
+    return b
+
+
+def key(fmt: str, m: int, n: int, k: int) -> str:
+    return f"{fmt}|{m_bucket(m)}|{n}|{k}"
+
+
+@lru_cache(maxsize=1)
+def tuned() -> dict[str, Config]:
+    """The shipped table ({} when the file is missing or unreadable: the heuristic then applies)."""
+    try:
+        raw = json.loads(TUNED_PATH.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: Config.from_list(v) for k, v in raw.get("configs", {}).items()}
+
+
+def heuristic(fmt: str, m: int, n: int, k: int) -> Config:
+    """A reasonable configuration without tuning (Hopper: 128-wide K steps feed the int8/fp8 tensor cores)."""
+    if INTERPRET:  # the CPU interpreter: few programs, small tiles
+        if fmt in BLOCK_FORMATS:
+            return Config(32, 64, 128, 4, 4, 1, tma=True, dot2=True)
+        return Config(32, 32, 64, 4, 4, 1, tma=True)
+    if fmt in BLOCK_FORMATS:
+        if m <= 256:
+            return Config(64, 128, 128, 8, 4, 4, tma=True)
+        return Config(128, 128, 128, 8, 8, 4, tma=True, dot2=True)
+    if m <= 128:
+        return Config(64, 64, 128, 8, 4, 4)
+    if m <= 1024:
+        return Config(128, 128, 128, 8, 8, 4)
+    return Config(128, 256, 128, 8, 8, 3)
+
+
+@lru_cache(maxsize=4096)
+def get_config(fmt: str, m: int, n: int, k: int) -> Config:
+    """The launch configuration for a GEMM: the tuned one for (format, M bucket, N, K), else the heuristic."""
+    if not INTERPRET:
+        c = tuned().get(key(fmt, m, n, k))
+        if c is not None:
+            return c
+    return heuristic(fmt, m, n, k)

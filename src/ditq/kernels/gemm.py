@@ -1,0 +1,264 @@
+"""Triton GEMMs of the five formats with fused scale application, each beside its wrapper.
+
+``y[M, N] = (x_q * x_scale) @ (w_q * w_scale)^T + bias``, computed as
+
+- ``int8-row``: int8 x int8 -> int32 accumulator; epilogue ``acc * x_scale[m] * w_scale[n] (+ bias)``.
+- ``fp8-tensor`` / ``fp8-row``: e4m3 x e4m3 -> fp32 accumulator; same epilogue (scalar / per-row w_scale).
+- ``int8-block`` / ``fp8-block``: one 128-wide K block per dot; each block's partial product is promoted
+  into an fp32 accumulator with ``x_scale[m, kb] * w_scale[n // 128, kb]``. The N tile is at most 128 wide
+  and divides 128, so the weight scale is one scalar per (tile, K block) and the promotion is one
+  multiply-add per accumulator element (TERRAIN.md).
+
+Layouts: x_q [M, K] (any strides; contiguous rows with K % 16 == 0 use TMA loads), w_q [N, K]
+(row-major: K-major, as both int8 and fp8 tensor-core products need), x_scale f32 [M, 1] or [M, K/128],
+w_scale f32 [] / [N, 1] / [N/128, K/128], bias [N] any float dtype, y [M, N] in ``out_dtype``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import formats as F
+from ..errors import ShapeError
+from . import INTERPRET
+from . import quant as _quant
+from .quant import cast_rne
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer loads only
+    TensorDescriptor = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A GEMM launch configuration (the tuned key is format, M bucket, N, K: see ``configs.py``)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    tma: bool = True  # TMA descriptor loads (else pointer loads, masked)
+    dot2: bool = False  # block formats: two independent K-block products per loop iteration
+    magic_i2f: bool = False  # int8-block: int32 -> fp32 by an add on the bits instead of a convert
+
+    def as_list(self) -> list:
+        return [self.block_m, self.block_n, self.block_k, self.group_m, self.num_warps, self.num_stages,
+                int(self.tma), int(self.dot2), int(self.magic_i2f)]  # fmt: skip
+
+    @classmethod
+    def from_list(cls, v) -> "Config":
+        return cls(*v[:6], *(bool(b) for b in v[6:9]))
+
+
+@triton.jit
+def _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, k, M, N, K,
+                stride_xm, stride_xk, stride_wn, stride_wk,
+                USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """x tile [BLOCK_M, BLOCK_K] and w tile [BLOCK_N, BLOCK_K] at (off_m, k) / (off_n, k); zeros past K.
+    Rows past M / N are clamped to valid rows (their results are never stored)."""
+    if USE_TMA:  # out-of-bounds boxes are zero-filled by the copy engine
+        a = x_desc.load([off_m, k])
+        b = w_desc.load([off_n, k])
+    else:
+        rm = (off_m + tl.arange(0, BLOCK_M)) % M
+        rn = (off_n + tl.arange(0, BLOCK_N)) % N
+        rk = k + tl.arange(0, BLOCK_K)
+        a_ptr = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk
+        b_ptr = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :] * stride_wk
+        if EVEN_K:
+            a = tl.load(a_ptr)
+            b = tl.load(b_ptr)
+        else:
+            a = tl.load(a_ptr, mask=(rk < K)[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=(rk < K)[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _promote(p, IS_INT: tl.constexpr, MAGIC_I2F: tl.constexpr):
+    """A K block's partial product as fp32. |int32 partial| <= 128 * 127 * 127 < 2^22, so adding the bits
+    of 1.5 * 2^23 and reading them as fp32 is exact, an integer add + a float add instead of a convert."""
+    if IS_INT:
+        if MAGIC_I2F:
+            return (p + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            return p.to(tl.float32)
+    else:
+        return p
+
+
+@triton.jit(do_not_specialize=["M"])  # M changes call to call; one compiled kernel serves every M
+def _scaled_mm_kernel(
+    x_ptr, x_desc, w_ptr, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    stride_xsm, stride_xsk, stride_wsn, stride_wsk,
+    IS_INT: tl.constexpr, BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, DOT2: tl.constexpr, MAGIC_I2F: tl.constexpr,
+    MANUAL_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # grouped ordering: GROUP_M row tiles sweep the N tiles together, so x and w tiles are reused from L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    dot_ty = tl.int32 if IS_INT else tl.float32
+
+    if BLOCK_SCALED:
+        # BLOCK_K == 128 and 128 % BLOCK_N == 0: one w scale per (tile, K block), x scale per (row, K block)
+        n_kb = K // BLOCK_K
+        xs_row = xs_ptr + (rm % M).to(tl.int64) * stride_xsm
+        ws_row = ws_ptr + (off_n // 128) * stride_wsn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if DOT2:  # two independent products in flight: one is promoted while the other runs
+            for kb in range(0, n_kb - 1, 2):
+                a0, b0 = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, kb * BLOCK_K, M, N, K,
+                                     stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
+                                     BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                a1, b1 = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, (kb + 1) * BLOCK_K, M, N, K,
+                                     stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
+                                     BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                p0 = tl.dot(a0, tl.trans(b0), out_dtype=dot_ty)
+                p1 = tl.dot(a1, tl.trans(b1), out_dtype=dot_ty)
+                s0 = tl.load(xs_row + kb * stride_xsk) * tl.load(ws_row + kb * stride_wsk)
+                s1 = tl.load(xs_row + (kb + 1) * stride_xsk) * tl.load(ws_row + (kb + 1) * stride_wsk)
+                acc += _promote(p0, IS_INT, MAGIC_I2F) * s0[:, None]
+                acc += _promote(p1, IS_INT, MAGIC_I2F) * s1[:, None]
+            if n_kb % 2 == 1:
+                kb = n_kb - 1
+                a0, b0 = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, kb * BLOCK_K, M, N, K,
+                                     stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
+                                     BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                p0 = tl.dot(a0, tl.trans(b0), out_dtype=dot_ty)
+                s0 = tl.load(xs_row + kb * stride_xsk) * tl.load(ws_row + kb * stride_wsk)
+                acc += _promote(p0, IS_INT, MAGIC_I2F) * s0[:, None]
+        else:
+            for kb in range(0, n_kb):
+                a, b = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, kb * BLOCK_K, M, N, K,
+                                   stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
+                                   BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                p = tl.dot(a, tl.trans(b), out_dtype=dot_ty)
+                s = tl.load(xs_row + kb * stride_xsk) * tl.load(ws_row + kb * stride_wsk)
+                acc += _promote(p, IS_INT, MAGIC_I2F) * s[:, None]
+        y = acc
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=dot_ty)
+        for k in range(0, K, BLOCK_K):
+            a, b = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, k, M, N, K,
+                               stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, EVEN_K,
+                               BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=dot_ty)
+        xs = tl.load(xs_ptr + (rm % M).to(tl.int64) * stride_xsm)
+        if W_SCALE_ROW:
+            ws = tl.load(ws_ptr + (rn % N) * stride_wsn)
+            y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        else:
+            y = acc.to(tl.float32) * (xs * tl.load(ws_ptr))[:, None]
+
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
+    tl.store(out, cast_rne(y, out_ptr.dtype.element_ty, MANUAL_RNE), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """TMA needs a unit inner stride and 16-byte aligned base and row stride."""
+    return (
+        TensorDescriptor is not None
+        and t.stride(1) == 1
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
+
+
+def check_operands(xq, x_scale, wq, w_scale, fmt: F.Format, bias) -> None:
+    """Shapes and dtypes of a scaled_mm call; ShapeError naming what is wrong."""
+    if xq.dim() != 2 or wq.dim() != 2:
+        raise ShapeError(f"scaled_mm takes 2-D xq [M, K] and wq [N, K], got {tuple(xq.shape)} and {tuple(wq.shape)}")
+    m, k = xq.shape
+    n, kw = wq.shape
+    if k != kw:
+        raise ShapeError(f"scaled_mm: x has K={k} but the weight [{n}, {kw}] has K={kw}")
+    if xq.dtype != fmt.storage or wq.dtype != fmt.storage:
+        raise ShapeError(f"scaled_mm {fmt.name}: operands must be {fmt.storage}, got {xq.dtype} and {wq.dtype}")
+    xs_shape = (m, k // F.BLOCK) if fmt.is_block else (m, 1)
+    if fmt.is_block and k % F.BLOCK:
+        raise ShapeError(f"scaled_mm {fmt.name}: K={k} is not divisible by {F.BLOCK}")
+    if tuple(x_scale.shape) != xs_shape:
+        raise ShapeError(f"scaled_mm {fmt.name}: x_scale has shape {tuple(x_scale.shape)}, expected {xs_shape}")
+    ws_shape = fmt.weight_scale_shape(n, k)
+    if tuple(w_scale.shape) != ws_shape and not (fmt.weight_granularity == "row" and tuple(w_scale.shape) == (n,)):
+        raise ShapeError(f"scaled_mm {fmt.name}: w_scale has shape {tuple(w_scale.shape)}, expected {ws_shape}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ShapeError(f"scaled_mm: bias has shape {tuple(bias.shape)}, expected ({n},)")
+
+
+def scaled_mm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    fmt,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: Config | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """y [M, N] ``out_dtype`` = dequant(xq) @ dequant(wq)^T + bias, with Triton (see the module docstring
+    for layouts). ``config`` overrides the tuned/heuristic launch configuration."""
+    fmt = F.get_format(fmt)
+    if check:
+        check_operands(xq, x_scale, wq, w_scale, fmt, bias)
+    m, k = xq.shape
+    n = wq.shape[0]
+    out = _quant.empty((m, n), out_dtype, xq.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    if config is None:
+        from .configs import get_config
+
+        config = get_config(fmt.name, m, n, k)
+    c = config
+    if fmt.is_block and (c.block_k != F.BLOCK or F.BLOCK % c.block_n):
+        raise ShapeError(f"config {c} invalid for {fmt.name}: needs block_k == 128 and block_n dividing 128")
+    use_tma = c.tma and _tma_ok(xq) and _tma_ok(wq)
+    if use_tma:
+        x_desc = TensorDescriptor(xq, list(xq.shape), list(xq.stride()), [c.block_m, c.block_k])
+        w_desc = TensorDescriptor(wq, list(wq.shape), list(wq.stride()), [c.block_n, c.block_k])
+    else:
+        x_desc = w_desc = None
+    if x_scale.dim() == 1:
+        x_scale = x_scale[:, None]
+    ws_stride = (w_scale.stride() + (0, 0))[:2] if w_scale.dim() else (0, 0)
+    grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
+    _scaled_mm_kernel[grid](
+        xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out,
+        m, n, k,
+        xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
+        x_scale.stride(0), x_scale.stride(1), ws_stride[0], ws_stride[1],
+        IS_INT=fmt.is_int, BLOCK_SCALED=fmt.is_block, W_SCALE_ROW=fmt.weight_granularity == "row",
+        HAS_BIAS=bias is not None, USE_TMA=use_tma, EVEN_K=k % c.block_k == 0, DOT2=c.dot2,
+        MAGIC_I2F=c.magic_i2f, MANUAL_RNE=INTERPRET,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )  # fmt: skip
+    return out

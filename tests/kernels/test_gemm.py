@@ -1,0 +1,118 @@
+"""Triton scaled GEMMs against the float64 reference of the same quantized operands.
+
+Tolerances: the kernels sum exact integer (int8) or exact-product fp32 (fp8) partials and apply the scales
+in fp32, so with an fp32 output they agree with float64 to ~1e-6 (bound 2e-5); a bf16 / fp16 output adds
+one rounding of the result (2^-9 / 2^-12 relative per element, bound 6e-3 / 1e-3 on the norm)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ditq import formats as F
+from ditq.errors import ShapeError
+from ditq.kernels import gemm as G
+from ditq.kernels.gemm import Config
+
+FMTS = list(F.FORMATS)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
+
+
+def _operands(fmt, m, n, k, x_layout="contiguous"):
+    f = F.get_format(fmt)
+    x = torch.randn(m, k, device=DEV)
+    w = torch.randn(n, k, device=DEV) * 0.05
+    wq, ws = F.quantize_weight_ref(w, f)
+    xq, xs = F.quantize_activation_ref(x, f)
+    if x_layout == "transposed":  # column-major xq: pointer loads, strided
+        xq = xq.t().contiguous().t()
+    return xq, xs, wq, ws
+
+
+def _ref(xq, xs, wq, ws, fmt, bias):
+    return F.scaled_mm_ref(xq, xs, wq, ws, fmt, bias, torch.float64, torch.float64)
+
+
+# configs that exercise each code path in the interpreter: TMA / pointer loads, one or two K blocks per
+# iteration, both int32 -> fp32 promotions, N tiles narrower than the 128 weight block, K tails
+NONBLOCK_CFGS = [Config(32, 32, 64, 4, 4, 1, tma=True), Config(16, 64, 32, 2, 4, 1, tma=False)]
+BLOCK_CFGS = [
+    Config(32, 128, 128, 4, 4, 1, tma=True, dot2=True),
+    Config(16, 64, 128, 2, 4, 1, tma=False, dot2=False, magic_i2f=True),
+    Config(32, 128, 128, 4, 4, 1, tma=True, dot2=True, magic_i2f=True),
+]
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("cfg_i", [0, 1])
+def test_scaled_mm_matches_float64(fmt, cfg_i, poisoned, seed):
+    f = F.get_format(fmt)
+    cfg = (BLOCK_CFGS if f.is_block else NONBLOCK_CFGS)[cfg_i]
+    # odd M (row tail), N tail and K tail for the non-block formats; K = 3 blocks (odd count) for DOT2
+    m, n, k = (37, 256, 384) if f.is_block else (37, 75, 208 if cfg.tma else 203)
+    xq, xs, wq, ws = _operands(fmt, m, n, k)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        y = G.scaled_mm(xq, xs, wq, ws, f, bias, out_dtype, config=cfg)
+        ref = _ref(xq, xs, wq, ws, f, bias)
+        assert y.dtype == out_dtype and y.shape == (m, n)
+        err = F.relative_error(y, ref)
+        assert err < TOL[out_dtype], f"seed {seed} {cfg}: rel err {err:.2e} ({out_dtype})"
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_scaled_mm_default_config_no_bias_fp16_strided_x(fmt, poisoned, seed):
+    f = F.get_format(fmt)
+    m, n, k = (5, 128, 256) if f.is_block else (5, 40, 96)
+    xq, xs, wq, ws = _operands(fmt, m, n, k, x_layout="transposed")
+    y = G.scaled_mm(xq, xs, wq, ws, f, None, torch.float16)
+    err = F.relative_error(y, _ref(xq, xs, wq, ws, f, None))
+    assert err < TOL[torch.float16], f"seed {seed}: {err:.2e}"
+
+
+def test_scaled_mm_magic_promotion_extremes(poisoned):
+    """Largest int32 partial of one K block (128 * 127 * 127): the bit-trick promotion stays exact."""
+    m, n, k = 16, 128, 256
+    xq = torch.full((m, k), 127, dtype=torch.int8, device=DEV)
+    xq[1::2] = -127
+    wq = torch.full((n, k), 127, dtype=torch.int8, device=DEV)
+    xs = torch.rand(m, k // 128, device=DEV) + 0.5
+    ws = torch.rand(n // 128, k // 128, device=DEV) + 0.5
+    cfg = Config(16, 128, 128, 2, 4, 1, tma=True, dot2=False, magic_i2f=True)
+    y = G.scaled_mm(xq, xs, wq, ws, "int8-block", None, torch.float32, config=cfg)
+    assert F.relative_error(y, _ref(xq, xs, wq, ws, "int8-block", None)) < 1e-6
+
+
+def test_scaled_mm_errors():
+    xq, xs, wq, ws = _operands("int8-row", 4, 8, 32)
+    with pytest.raises(ShapeError, match="K="):
+        G.scaled_mm(xq[:, :16], xs, wq, ws, "int8-row")
+    with pytest.raises(ShapeError, match="x_scale"):
+        G.scaled_mm(xq, xs[:2], wq, ws, "int8-row")
+    with pytest.raises(ShapeError, match="must be"):
+        G.scaled_mm(xq, xs, wq.to(torch.float8_e4m3fn), ws, "int8-row")
+    with pytest.raises(ShapeError, match="bias"):
+        G.scaled_mm(xq, xs, wq, ws, "int8-row", bias=torch.zeros(3, device=DEV))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    fmt=st.sampled_from(FMTS),
+    m=st.integers(1, 70),
+    n_units=st.integers(1, 2),
+    k_units=st.integers(1, 3),
+    tail=st.integers(0, 60),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_scaled_mm_property(fmt, m, n_units, k_units, tail, with_bias, seed):
+    """Any shape the format allows: kernel (default config) == float64 reference within fp32 rounding."""
+    f = F.get_format(fmt)
+    n = n_units * 128 if f.is_block else n_units * 64 - tail // 2
+    k = k_units * 128 if f.is_block else k_units * 64 - tail
+    torch.manual_seed(seed)
+    xq, xs, wq, ws = _operands(fmt, m, n, k)
+    bias = torch.randn(n, device=DEV) if with_bias else None
+    y = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.float32)
+    assert F.relative_error(y, _ref(xq, xs, wq, ws, f, bias)) < TOL[torch.float32]

@@ -1,0 +1,61 @@
+"""The kernels on a real GPU at diffusion-transformer shapes (skipped without CUDA). Same bounds as the CPU
+tests; the shapes are the ones the tiles, TMA boxes and pipelining are tuned for."""
+
+import pytest
+import torch
+
+from ditq import formats as F
+from ditq.kernels import gemm as G
+from ditq.kernels import ops
+from ditq.kernels import quant as Q
+
+FMTS = list(F.FORMATS)
+BOUND = {True: 0.025, False: 0.06}
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("mnk", [(4608, 3072, 12288), (1000, 1536, 3072)])
+def test_linear_at_diffusion_shapes(fmt, mnk, poisoned, seed):
+    m, n, k = mnk
+    f = F.get_format(fmt)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    wq, ws = ops.quant_weight(w, f)
+    wq_r, ws_r = F.quantize_weight_ref(w, f)
+    assert torch.equal(ws, ws_r) and torch.equal(wq.view(torch.int8), wq_r.view(torch.int8)), f"seed {seed}"
+    assert torch.equal(ops.dequant_weight(wq, ws, f, torch.bfloat16), F.dequantize_ref(wq, ws, f, torch.bfloat16))
+    q, s = ops.act_quant(x, f)
+    qr, sr = F.quantize_activation_ref(x, f)
+    assert torch.equal(s, sr), f"seed {seed}: activation scales"
+    qd = (q.float() - qr.float()).abs()
+    step = 1.0 if f.is_int else qr.float().abs() * 2.0**-3 + 2.0**-9
+    assert bool((qd <= step).all()) and (qd > 0).float().mean().item() < 5e-3, f"seed {seed}: activation q"
+    q_exact, _ = Q.act_quant(x, f, exact_div=True)
+    assert torch.equal(q_exact.view(torch.int8), qr.view(torch.int8)), f"seed {seed}: exact division"
+    y = ops.linear(x, wq, ws, f, b)
+    y_ref = F.linear_ref(x, wq, ws, f, b, torch.float32)
+    assert F.relative_error(y, y_ref) < 6e-3, f"seed {seed}: kernel vs reference"
+    truth = torch.nn.functional.linear(x.float(), w, b.float())
+    assert F.relative_error(y, truth) < BOUND[f.is_int], f"seed {seed}: vs float"
+    for cfg in _alt_configs(f):  # the other code paths compile and agree too
+        y2 = G.scaled_mm(q, s, wq, ws, f, b, torch.bfloat16, config=cfg)
+        assert F.relative_error(y2, y) < 6e-3, f"seed {seed}: {cfg}"
+
+
+def _alt_configs(f):
+    C = G.Config
+    if f.is_block:
+        return [C(128, 128, 128, 8, 8, 3, tma=False, dot2=True), C(64, 128, 128, 8, 4, 3, tma=True, magic_i2f=f.is_int)]
+    return [C(128, 128, 64, 8, 4, 3, tma=False), C(64, 128, 128, 8, 4, 3, tma=True)]
+
+
+@pytest.mark.parametrize("fmt", ["int8-row", "fp8-block"])
+def test_compiled_linear_matches_eager(fmt, seed):
+    x = torch.randn(2, 333, 1024, device="cuda", dtype=torch.bfloat16)
+    wq, ws = ops.quant_weight(torch.randn(2048, 1024, device="cuda") * 0.02, fmt)
+    b = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: ops.linear(x, wq, ws, fmt, b) * 2, fullgraph=True)
+    assert torch.equal(f(x), ops.linear(x, wq, ws, fmt, b) * 2)
