@@ -1,0 +1,214 @@
+"""The INT8 attention kernels (through the Triton interpreter on CPU) against float64 attention and against
+the torch reference that reproduces their quantization. Small odd shapes: tails in both sequence axes,
+GQA, causal, key padding, windows, LSE merging across key shards, poisoned work buffers."""
+
+import math
+import secrets
+
+import pytest
+import torch
+
+import ditq.attn as A
+from ditq.attn import attention, attention_ref, merge_attention
+from ditq.errors import FormatError, ShapeError
+from ditq.kernels import attention as K
+
+
+@pytest.fixture
+def fresh_seed():
+    s = secrets.randbits(31)
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every work buffer and output starts as NaN / -128, so a tile the kernels skip shows up."""
+    monkeypatch.setattr(K, "POISON", True)
+
+
+def make_qkv(B, H, HK, NQ, NK, D, dtype=torch.bfloat16, layout="HND", device="cpu", k_bias=4.0):
+    """q, k, v ~ N(0, 1); K carries a per-channel bias shared by all tokens (as real DiT keys do), V a small
+    one. Scores are sharpened (x2) so the softmax is not uniform."""
+    q = 2 * torch.randn(B, H, NQ, D)
+    k = torch.randn(B, HK, NK, D) + k_bias * torch.randn(1, HK, 1, D)
+    v = torch.randn(B, HK, NK, D) + 0.5 * torch.randn(1, HK, 1, D)
+    q, k, v = (t.to(dtype).to(device) for t in (q, k, v))
+    if layout == "NHD":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return q, k, v
+
+
+def hnd(t, layout):
+    return t.transpose(1, 2) if layout == "NHD" else t
+
+
+def metrics(out, ref):
+    o, r = out.double().flatten(), ref.double().flatten()
+    cos = torch.nn.functional.cosine_similarity(o, r, dim=0).item()
+    rel_l1 = ((o - r).abs().sum() / r.abs().sum()).item()
+    return cos, rel_l1
+
+
+# pv -> (min cosine, max relative L1) against float64 attention: the issue's goals on DiT-like keys
+GOALS = {"bf16": (0.9995, 0.02), "fp8": (0.999, 0.05)}
+
+
+@pytest.mark.parametrize(
+    "pv,dtype,layout,shape",
+    [
+        ("bf16", torch.bfloat16, "HND", (1, 2, 2, 67, 67, 64)),
+        ("fp8", torch.bfloat16, "NHD", (1, 2, 2, 131, 131, 64)),
+        ("fp8", torch.float16, "HND", (2, 4, 2, 70, 97, 64)),  # GQA, Nq != Nk
+        ("bf16", torch.float16, "NHD", (1, 4, 1, 45, 150, 64)),  # MQA
+        ("fp8", torch.bfloat16, "HND", (1, 2, 1, 40, 77, 96)),  # head dim padded to 128
+    ],
+)
+def test_matches_float64(pv, dtype, layout, shape, fresh_seed):
+    B, H, HK, NQ, NK, D = shape
+    q, k, v = make_qkv(B, H, HK, NQ, NK, D, dtype, layout)
+    out = attention(q, k, v, layout=layout, pv=pv)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all(), f"seed {fresh_seed}: non-finite output (unwritten tile?)"
+    exact, _ = attention_ref(hnd(q, layout), hnd(k, layout), hnd(v, layout), quantize=False)
+    cos, rel = metrics(hnd(out, layout), exact)
+    min_cos, max_rel = GOALS[pv]
+    assert cos >= min_cos and rel <= max_rel, f"seed {fresh_seed}: cos {cos:.6f} rel L1 {rel:.4f}"
+    # the kernel computes what the reference quantization says (differences: online-softmax order and
+    # rounding of P against the running rather than the final max)
+    emu, _ = attention_ref(hnd(q, layout), hnd(k, layout), hnd(v, layout), pv=pv, block_n=K.INTERPRET_CONFIG[1])
+    cos_e, rel_e = metrics(hnd(out, layout), emu)
+    assert cos_e >= 0.9999 and rel_e <= (0.006 if pv == "bf16" else 0.02), f"seed {fresh_seed}: {cos_e}, {rel_e}"
+
+
+def test_smoothing_matters(fresh_seed):
+    """With a large per-channel key bias, INT8 keys without smoothing lose most of their resolution."""
+    q, k, v = make_qkv(1, 2, 2, 64, 96, 64, k_bias=20.0)
+    exact, _ = attention_ref(q, k, v, quantize=False)
+    on = metrics(attention(q, k, v, pv="bf16"), exact)
+    off = metrics(attention(q, k, v, pv="bf16", smooth_k=False), exact)
+    assert on[1] < 0.5 * off[1], f"seed {fresh_seed}: smoothing {on} vs none {off}"
+
+
+@pytest.mark.parametrize("pv", ["bf16", "fp8"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(causal=True),
+        dict(window=(9, 30)),
+        dict(window=5, causal=True),
+        dict(mask=True),
+        dict(mask=True, window=(40, 0)),
+    ],
+)
+def test_masks(pv, opts, fresh_seed):
+    B, H, N, D = 2, 2, 101, 64
+    q, k, v = make_qkv(B, H, H, N, N, D)
+    kpm = None
+    if opts.get("mask"):
+        lens = torch.tensor([N, 37])  # batch 1: text padding after 37 keys
+        kpm = torch.arange(N)[None, :] < lens[:, None]
+    window = opts.get("window")
+    causal = opts.get("causal", False)
+    out, lse = attention(q, k, v, pv=pv, causal=causal, window=window, key_padding_mask=kpm, return_lse=True)
+    w = None if window is None else ((window, window) if isinstance(window, int) else window)
+    exact, lse_x = attention_ref(q, k, v, quantize=False, causal=causal, window=w, key_padding_mask=kpm)
+    assert torch.isfinite(out).all()
+    cos, rel = metrics(out, exact)
+    assert cos >= GOALS[pv][0] and rel <= GOALS[pv][1], f"seed {fresh_seed}: cos {cos:.6f} rel L1 {rel:.4f}"
+    seen = torch.isfinite(lse_x)
+    assert torch.equal(torch.isfinite(lse), seen), f"seed {fresh_seed}: rows with no key differ"
+    assert (out.float()[~seen] == 0).all()
+    err = (lse - lse_x)[seen].abs()
+    # int8 scores: a row that sees one or two keys carries their quantization error undiluted
+    assert err.max() < 0.15 and err.mean() < 0.02, f"seed {fresh_seed}: lse error {err.max()}, {err.mean()}"
+
+
+def test_row_without_keys(fresh_seed):
+    """A batch element whose keys are all padding: zeros and lse -inf, no NaN; the other is unaffected."""
+    q, k, v = make_qkv(2, 2, 2, 50, 70, 64)
+    kpm = torch.ones(2, 70, dtype=torch.bool)
+    kpm[1] = False
+    out, lse = attention(q, k, v, key_padding_mask=kpm, return_lse=True)
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
+    exact, _ = attention_ref(q[:1], k[:1], v[:1], quantize=False)
+    assert metrics(out[:1], exact)[0] >= GOALS["fp8"][0]
+
+
+@pytest.mark.parametrize("pv", ["bf16", "fp8"])
+def test_lse_merges_key_shards(pv, fresh_seed):
+    """Attention over two key shards (each smoothed by its own K mean), merged by LSE, equals attention
+    over all keys: what ring / context-parallel inference does."""
+    B, H, NQ, NK, D = 1, 2, 60, 150, 64
+    q, k, v = make_qkv(B, H, H, NQ, NK, D)
+    cut = 83
+    o1, l1 = attention(q, k[:, :, :cut], v[:, :, :cut], pv=pv, return_lse=True)
+    o2, l2 = attention(q, k[:, :, cut:], v[:, :, cut:], pv=pv, return_lse=True)
+    merged, lse = merge_attention([o1, o2], [l1, l2])
+    exact, lse_x = attention_ref(q, k, v, quantize=False)
+    assert (lse - lse_x).abs().max() < 0.05, f"seed {fresh_seed}: lse error {(lse - lse_x).abs().max()}"
+    cos, rel = metrics(merged, exact)
+    assert cos >= GOALS[pv][0] and rel <= GOALS[pv][1], f"seed {fresh_seed}: cos {cos:.6f} rel L1 {rel:.4f}"
+
+
+def test_configs_agree(fresh_seed):
+    """The result does not depend on the tile shape (the K scale block follows BLOCK_N)."""
+    q, k, v = make_qkv(1, 2, 2, 90, 90, 64)
+    a = attention(q, k, v, pv="bf16", window=(20, 3), _config=(32, 32, 4, 1))
+    b = attention(q, k, v, pv="bf16", window=(20, 3), _config=(64, 64, 4, 1, 0))  # plain int->float cast
+    exact, _ = attention_ref(q, k, v, quantize=False, window=(20, 3))
+    assert metrics(a, exact)[0] >= 0.9995 and metrics(b, exact)[0] >= 0.9995
+    assert metrics(a, b)[1] < 0.02
+
+
+def test_fallback_without_triton(monkeypatch, fresh_seed):
+    """Where Triton cannot run, the torch reference (same quantization) answers."""
+    monkeypatch.setattr(A, "triton_runs_on", lambda t: False)
+    q, k, v = make_qkv(1, 2, 1, 33, 40, 64, layout="NHD")
+    out, lse = attention(q, k, v, layout="NHD", causal=True, return_lse=True)
+    exact, lse_x = attention_ref(hnd(q, "NHD"), hnd(k, "NHD"), hnd(v, "NHD"), quantize=False, causal=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert metrics(hnd(out, "NHD"), exact)[0] >= 0.999
+    assert (lse - lse_x).abs().max() < 0.05
+
+
+def test_fake_impl_matches(fresh_seed):
+    """The fake implementation (torch.compile, CUDA graphs) gives the real output's shapes and strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = make_qkv(1, 2, 2, 20, 30, 64, layout="NHD")
+    real = attention(q, k, v, layout="NHD", return_lse=True)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake = attention(fq, fk, fv, layout="NHD", return_lse=True)
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
+
+
+def test_errors():
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(FormatError, match="bfloat16 or float16"):
+        attention(q.float(), q.float(), q.float())
+    with pytest.raises(FormatError, match="layout"):
+        attention(q, q, q, layout="BHND")
+    with pytest.raises(FormatError, match="pv"):
+        attention(q, q, q, pv="int4")
+    with pytest.raises(ShapeError, match="multiple"):
+        attention(torch.randn(1, 3, 8, 64, dtype=torch.bfloat16), q, q)
+    with pytest.raises(ShapeError, match="key_padding_mask"):
+        attention(q, q, q, key_padding_mask=torch.ones(1, 9, dtype=torch.bool))
+    with pytest.raises(ShapeError, match="window"):
+        attention(q, q, q, window=(-1, 3))
+    with pytest.raises(ShapeError, match="256"):
+        x = torch.randn(1, 1, 4, 512, dtype=torch.bfloat16)
+        attention(x, x, x)
+
+
+def test_sm_scale_is_honoured(fresh_seed):
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 64)
+    scale = 0.3 / math.sqrt(64)
+    out = attention(q, k, v, sm_scale=scale, pv="bf16")
+    exact, _ = attention_ref(q, k, v, quantize=False, sm_scale=scale)
+    default, _ = attention_ref(q, k, v, quantize=False)
+    assert metrics(out, exact)[0] >= 0.9995
+    assert metrics(out, exact)[1] < 0.5 * metrics(out, default)[1]
