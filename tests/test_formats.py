@@ -166,3 +166,35 @@ def test_qdata_bytes_is_about_half_of_bf16():
     n, k = 3072, 12288
     for fmt in ALL:
         assert F.qdata_bytes(n, k, fmt) / (2 * n * k) < 0.51
+
+
+def test_hadamard_matches_formats_md_definition():
+    h4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float64)
+    assert torch.equal(F.hadamard(4, torch.float64), h4 / 2)
+    assert torch.allclose(F.hadamard(64, torch.float64), torch.kron(torch.kron(h4, h4), h4) / 8)
+    for g in (16, 64, 256):
+        h = F.hadamard(g, torch.float64)
+        assert torch.equal(h, h.t())
+        assert torch.allclose(h @ h, torch.eye(g, dtype=torch.float64), atol=1e-12)
+    with pytest.raises(ditq.FormatError, match="power of 4"):
+        F.hadamard(32)
+
+
+def test_rotation_group_size_rule():
+    assert [F.rotation_group_size(k) for k in (128, 384, 3072, 12288, 1792, 4096)] == [64, 64, 256, 256, 256, 256]
+    with pytest.raises(ditq.ShapeError):
+        F.rotation_group_size(102)
+
+
+def test_rotation_preserves_the_product_and_tames_outliers():
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(64, 512, generator=g, dtype=torch.float64)
+    x[:, [3, 77, 300]] *= 25  # a few outlier channels, as in real DiT / text-encoder activations
+    w = torch.randn(256, 512, generator=g, dtype=torch.float64)
+    ref = x @ w.t()
+    gs = F.rotation_group_size(512)
+    assert torch.allclose(F.rotate(x, gs) @ F.rotate(w, gs).t(), ref, atol=1e-9)
+    plain = F.linear_ref(x, *F.quantize_weight_ref(w, "int8-row"), "int8-row", out_dtype=torch.float64)
+    rot = F.linear_ref(F.rotate(x, gs), *F.quantize_weight_ref(F.rotate(w, gs), "int8-row"), "int8-row",
+                       out_dtype=torch.float64)
+    assert F.relative_error(rot, ref) < 0.5 * F.relative_error(plain, ref)

@@ -251,3 +251,43 @@ def qdata_bytes(n: int, k: int, fmt: str | Format) -> int:
     """Bytes of a quantized weight: 1 byte a value plus its float32 scales."""
     fmt = get_format(fmt)
     return n * k + 4 * math.prod(fmt.weight_scale_shape(n, k))
+
+
+# -- Hadamard rotation ("ConvRot", FORMATS.md) -------------------------------------------------------------
+_H4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
+
+
+def hadamard(g: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The "regular" Hadamard matrix of ComfyUI's ConvRot: the Kronecker power of H_4 of size g (a power of
+    4), divided by sqrt(g). Symmetric and its own inverse, so rotating twice is the identity."""
+    if g < 4 or g & (g - 1) or (g.bit_length() - 1) % 2:
+        raise FormatError(f"rotation group size {g} is not a power of 4 (16, 64, 256, ...)")
+    h4 = torch.tensor(_H4, dtype=torch.float64)
+    h = h4
+    while h.shape[0] < g:
+        h = torch.kron(h, h4)
+    return (h / math.sqrt(g)).to(dtype=dtype, device=device)
+
+
+def rotation_group_size(k: int, max_group: int = 256) -> int:
+    """The largest power of 4 up to ``max_group`` that divides K (256 for most DiT layers, 64 for K = 128
+    or K = 384); raises ShapeError when not even 4 divides K."""
+    g = max_group
+    while g >= 4:
+        if k % g == 0 and (g.bit_length() - 1) % 2 == 0:
+            return g
+        g //= 2
+    raise ShapeError(f"K={k} is not divisible by 4: a Hadamard rotation cannot apply")
+
+
+def rotate(t: torch.Tensor, g: int) -> torch.Tensor:
+    """Right-multiply every group of g consecutive channels of t [..., K] by H_g (computed in float32 at
+    least, returned in t's dtype). Rotating a weight offline and its activations at run time leaves
+    x @ W^T unchanged because H_g is symmetric and orthogonal."""
+    k = t.shape[-1]
+    if k % g:
+        raise ShapeError(f"K={k} is not divisible by the rotation group size {g}")
+    cdtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    h = hadamard(g, cdtype, t.device)
+    out = t.to(cdtype).reshape(*t.shape[:-1], k // g, g) @ h
+    return out.reshape(t.shape).to(t.dtype)
