@@ -190,7 +190,8 @@ class Checkpoint:
     """A readable checkpoint: tensor names, their infos without reading data, one tensor at a time.
 
     ``names`` are in read order (file order, shard by shard). ``metadata`` is the safetensors header
-    metadata (of the first shard for sharded folders); ``file_size`` the bytes on disk."""
+    metadata (of the first shard for sharded folders; ``file_metadata`` has each file's); ``file_size``
+    the bytes on disk."""
 
     path: Path
     metadata: dict[str, str]
@@ -199,6 +200,7 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.path = path
         self.metadata = {}
+        self.file_metadata: list[dict[str, str]] = []  # one per file (shards may differ)
         self._infos: dict[str, TensorInfo] = {}
 
     # subclasses fill _infos and implement get()
@@ -275,6 +277,7 @@ class SafetensorsCheckpoint(Checkpoint):
                     )
             first = next(iter(self._files.values()), None)
             self.metadata = dict(first.metadata) if first else {}
+            self.file_metadata = [sf.metadata for sf in self._files.values()]
             self.file_size = sum(sf.file_size for sf in self._files.values())
         except Exception:
             self.close()

@@ -115,9 +115,12 @@ def format_of(conf: dict, where: str) -> F.Format:
 
 # -- scales: memory <-> disk -----------------------------------------------------------------------------
 def disk_scale(scale: torch.Tensor, fmt: str | F.Format) -> torch.Tensor:
-    """In-memory scale -> the shape FORMATS.md prescribes on disk (one-element scales as [])."""
+    """In-memory scale -> the shape FORMATS.md prescribes on disk (one-element per-tensor / per-row
+    scales as [])."""
     fmt = F.get_format(fmt)
     scale = scale.detach().float().contiguous()
+    if fmt.is_block:
+        return scale  # [N/128, K/128] even for one block: block loaders index a 2-D grid
     if scale.numel() == 1:
         return scale.reshape(())
     if fmt.name == "fp8-row":
@@ -134,7 +137,7 @@ def memory_scale(scale: torch.Tensor, fmt: F.Format, n: int, k: int, where: str)
         return s.reshape(())
     if fmt.weight_granularity == "row":
         return s.reshape(-1, 1).expand(n, 1).contiguous()
-    return s.contiguous()
+    return s.reshape(fmt.weight_scale_shape(n, k)).contiguous()
 
 
 def _scale_fits(shape, fmt: F.Format, n: int, k: int) -> bool:
@@ -143,7 +146,8 @@ def _scale_fits(shape, fmt: F.Format, n: int, k: int) -> bool:
         return numel == 1
     if fmt.weight_granularity == "row":
         return numel in (1, n)
-    return n % F.BLOCK == 0 and k % F.BLOCK == 0 and tuple(shape) == fmt.weight_scale_shape(n, k)
+    grid = fmt.weight_scale_shape(n, k)
+    return n % F.BLOCK == 0 and k % F.BLOCK == 0 and (tuple(shape) == grid or (numel == 1 and grid == (1, 1)))
 
 
 def _scale_mismatch(shape, fmt: F.Format, n: int, k: int, where: str) -> CheckpointError:
@@ -223,8 +227,8 @@ def _where(ckpt: Checkpoint, key: str) -> str:
     return f"{info.file if info else ckpt.path}: tensor {key!r}"
 
 
-def _parse_header_json(ckpt: Checkpoint, key: str) -> dict:
-    raw = ckpt.metadata.get(key)
+def _parse_header_json(path, metadata: dict, key: str) -> dict:
+    raw = metadata.get(key)
     if raw is None:
         return {}
     try:
@@ -233,7 +237,7 @@ def _parse_header_json(ckpt: Checkpoint, key: str) -> dict:
             raise ValueError("not an object")
         return obj
     except ValueError as e:
-        raise CheckpointError(f"{ckpt.path}: header metadata {key!r} is not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: header metadata {key!r} is not valid JSON ({e})") from None
 
 
 def scan(ckpt: Checkpoint) -> Layout:
@@ -241,12 +245,15 @@ def scan(ckpt: Checkpoint) -> Layout:
 
     Raises CheckpointError for inconsistent files and UnsupportedFormatError for formats ditq does not
     implement, naming the file and tensor."""
-    ditq_meta = _parse_header_json(ckpt, DITQ_METADATA_KEY)
-    qmeta = _parse_header_json(ckpt, QUANT_METADATA_KEY)
-    header_layers = qmeta.get("layers", {}) if qmeta else {}
-    if not isinstance(header_layers, dict):
-        raise CheckpointError(f"{ckpt.path}: {QUANT_METADATA_KEY} has no 'layers' object")
-    header_layers = {k: ({"format": v} if isinstance(v, str) else v) for k, v in header_layers.items()}
+    ditq_meta = _parse_header_json(ckpt.path, ckpt.metadata, DITQ_METADATA_KEY)
+    qmeta, header_layers = {}, {}
+    for meta in ckpt.file_metadata or [ckpt.metadata]:  # shards each list their own layers
+        part = _parse_header_json(ckpt.path, meta, QUANT_METADATA_KEY)
+        layers = part.get("layers", {}) if part else {}
+        if not isinstance(layers, dict):
+            raise CheckpointError(f"{ckpt.path}: {QUANT_METADATA_KEY} has no 'layers' object")
+        qmeta = qmeta or part
+        header_layers.update({k: ({"format": v} if isinstance(v, str) else v) for k, v in layers.items()})
 
     tensor_layers = {
         layer_of(k): decode_comfy_quant(ckpt.get(k), _where(ckpt, k)) for k in ckpt.names if k.endswith(".comfy_quant")

@@ -173,10 +173,10 @@ class Policy:
         hit = _match(self.exclude, name)
         if hit:
             return self.keep(name, dtype, f"--exclude '{hit}'")
-        if not name.endswith(".weight"):
-            return self.keep(name, dtype, "not a .weight" if len(shape) != 1 else "1-D tensor")
         if len(shape) != 2:
-            return self.keep(name, dtype, f"{len(shape)}-D tensor")
+            return self.keep(name, dtype, f"{len(shape)}-D tensor" if shape else "scalar")
+        if not name.endswith(".weight"):
+            return self.keep(name, dtype, "not a .weight")
         if not dtype.is_floating_point or dtype.itemsize == 1:
             return self.keep(name, dtype, f"dtype {str(dtype).replace('torch.', '')}")
         forced = _match(self.include, name)

@@ -1,0 +1,543 @@
+"""`ditq convert SRC -o DST`: stream a checkpoint tensor by tensor into an 8-bit ComfyUI-layout file.
+
+The pipeline: open and validate SRC (``checkpoint.io``), map its keys (``checkpoint.layout.scan``),
+decide per layer (``checkpoint.policy``), then for each tensor in file order: read (a background thread
+reads ahead), check, quantize (``ditq.quantize_weight``), write (``SafetensorsWriter``: temporary file,
+renamed when complete). Memory stays near a few tensors whatever the checkpoint size.
+
+``convert_checkpoint`` is the function behind the command; it returns a ``ConvertReport``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__
+from .. import formats as F
+from ..checkpoint import layout as L
+from ..checkpoint.io import SMALL_TENSOR_BYTES, SafetensorsWriter, ShardedWriter, header_reserve, open_checkpoint, prefetch
+from ..checkpoint.policy import KEEP_DTYPES, PRESETS, Decision, Policy, outlier_ratio
+from ..errors import CheckpointError, DitqError, NonFiniteError
+from ..tensor import QuantizedTensor, quantize_weight
+
+ACTIONS = ("quantized", "copied", "kept", "dropped")
+
+
+@dataclass
+class LayerRecord:
+    """One source entry in the report. ``action``: quantized | copied (already quantized in SRC) | kept |
+    dropped. ``out``: the format or dtype written. ``rel_error``: ||W_dq - W|| / ||W|| for quantized."""
+
+    key: str
+    shape: list[int]
+    dtype: str
+    action: str
+    out: str
+    reason: str
+    params: int
+    bytes_in: int
+    bytes_out: int
+    rel_error: float | None = None
+    outlier_ratio: float | None = None
+
+
+@dataclass
+class ConvertReport:
+    src: str
+    dst: str
+    format: str
+    preset: str
+    preset_detected: bool
+    device: str
+    src_file_bytes: int = 0
+    dst_file_bytes: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    layers: list[LayerRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(r.bytes_in for r in self.layers)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(r.bytes_out for r in self.layers)
+
+    def count(self, action: str) -> int:
+        return sum(r.action == action for r in self.layers)
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the source file size saved."""
+        return 1.0 - self.dst_file_bytes / self.src_file_bytes if self.src_file_bytes else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["totals"] = {
+            **{a: self.count(a) for a in ACTIONS},
+            "tensor_bytes_in": self.bytes_in,
+            "tensor_bytes_out": self.bytes_out,
+            "src_file_bytes": self.src_file_bytes,
+            "dst_file_bytes": self.dst_file_bytes,
+            "reduction_pct": round(100 * self.reduction, 2),
+            "seconds": round(self.seconds, 3),
+            "read_gb_per_s": round(self.src_file_bytes / self.seconds / 1e9, 3) if self.seconds else None,
+            "peak_rss_gb": round(self.peak_rss_bytes / 1e9, 3),
+        }
+        return d
+
+    def summary(self) -> str:
+        """The table printed after a conversion: groups of layers with counts, parameters and bytes."""
+        groups: dict[tuple[str, str], list[LayerRecord]] = {}
+        for r in self.layers:
+            label = (r.action, r.out if r.action in ("quantized", "copied") else r.reason)
+            groups.setdefault(label, []).append(r)
+        order = {a: i for i, a in enumerate(ACTIONS)}
+        rows = sorted(groups.items(), key=lambda kv: (order[kv[0][0]], -sum(r.bytes_in for r in kv[1])))
+        preset = f"{self.preset} (detected)" if self.preset_detected else self.preset
+        lines = [f"ditq convert: {self.src} -> {self.dst}", f"  format {self.format}, preset {preset}, device {self.device}", ""]
+        head = f"  {'layers':<44} {'count':>6} {'params':>9} {'bytes in':>10} {'bytes out':>10}"
+        lines += [head, "  " + "-" * (len(head) - 2)]
+        for (action, what), rs in rows:
+            label = f"{action} {what}" if action != "kept" else f"kept: {what}"
+            lines.append(
+                f"  {label[:44]:<44} {len(rs):>6} {_num(sum(r.params for r in rs)):>9} "
+                f"{_size(sum(r.bytes_in for r in rs)):>10} {_size(sum(r.bytes_out for r in rs)):>10}"
+            )
+        lines.append("  " + "-" * (len(head) - 2))
+        lines.append(
+            f"  {'total':<44} {len(self.layers):>6} {_num(sum(r.params for r in self.layers)):>9} "
+            f"{_size(self.bytes_in):>10} {_size(self.bytes_out):>10}"
+        )
+        errs = [r.rel_error for r in self.layers if r.rel_error is not None]
+        lines.append("")
+        lines.append(
+            f"  file size {_size(self.src_file_bytes)} -> {_size(self.dst_file_bytes)} "
+            f"({100 * self.reduction:.1f}% smaller)"
+            + (f"; weight error (relative L2) mean {sum(errs) / len(errs):.2%}, max {max(errs):.2%}" if errs else "")
+        )
+        rate = self.src_file_bytes / self.seconds / 1e9 if self.seconds else 0.0
+        lines.append(f"  {self.seconds:.1f} s, {rate:.2f} GB/s read, peak RSS {self.peak_rss_bytes / 1e9:.2f} GB")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _num(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return str(n)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
+    if not m:
+        raise DitqError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmgt".index(m.group(2) or " "))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DitqError(f"unknown device {device!r}; use cpu, cuda, cuda:1 or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DitqError(f"device {device} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def nearest_quantizer(key: str, w: torch.Tensor, decision: Decision) -> QuantizedTensor:
+    """Default quantizer. Later features plug in here (learned rounding via ``decision.options`` such as
+    ``rounding="learned"``; a rotation; a per-layer format chosen under a quality budget)."""
+    return quantize_weight(w, decision.format, name=key, **decision.options)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _check_destination(src: Path, dst: Path, src_files: list[Path], sharded: bool) -> None:
+    if _same_file(src, dst) or any(_same_file(f, dst) for f in src_files):
+        raise CheckpointError(f"refusing to write {dst}: it is the source checkpoint; choose another output path")
+    if src.is_dir() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"refusing to write into the source folder {src} itself; choose another output path")
+    if dst.is_dir() and not sharded:
+        raise CheckpointError(f"{dst} is a folder; give a file name (e.g. {dst / 'model-int8.safetensors'}) or --shard-size")
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"output folder {dst.parent} does not exist; create it first")
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    format: str = "int8-row",
+    preset: str = "auto",
+    include=(),
+    exclude=(),
+    keep_dtype: str = "original",
+    min_elements: int = 16384,
+    max_outlier_ratio: float | None = None,
+    keep_nonfinite: bool = False,
+    device: str | torch.device | None = "auto",
+    shard_size: int | str | None = None,
+    rounding: str = "nearest",
+    rounding_options: dict | None = None,
+    measure_error: bool = True,
+    progress: bool = False,
+    policy: Policy | None = None,
+    quantizer: Callable[[str, torch.Tensor, Decision], QuantizedTensor] = nearest_quantizer,
+) -> ConvertReport:
+    """Convert ``src`` to ``dst`` (one safetensors file, or a folder of shards when ``shard_size`` is set).
+
+    Every check that needs no tensor data (paths, headers, shards, formats, disk space) runs before
+    anything is written; a failure later (a NaN weight, a full disk, Ctrl-C) removes the temporary output,
+    so ``dst`` is either complete or untouched. ``policy`` / ``quantizer`` replace the per-layer decision
+    and quantization (hooks for learned rounding, rotation and quality-budget formats)."""
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    fmt = F.get_format(format)
+    options = {"rounding": rounding, **(rounding_options or {})} if rounding != "nearest" or rounding_options else {}
+    if rounding not in ("nearest", "learned"):
+        raise DitqError(f"unknown rounding {rounding!r}; choose nearest or learned")
+    if rounding == "learned" and importlib.util.find_spec("ditq.rounding") is None:
+        raise DitqError("--rounding learned needs ditq.rounding, which this build does not have; use --rounding nearest")
+    dev = resolve_device(device)
+    shard_bytes = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
+
+    with open_checkpoint(src) as ckpt:
+        _check_destination(src, dst, ckpt.files, bool(shard_bytes))
+        layout = L.scan(ckpt)
+        pol = policy or Policy(fmt.name, preset, [e.key for e in layout.entries], include, exclude, min_elements, keep_dtype)
+        plan = [(e, _static_decision(pol, e, options)) for e in layout.entries]
+        report = ConvertReport(str(src), str(dst), fmt.name, pol.preset, pol.detected, str(dev))
+        report.src_file_bytes = ckpt.file_size
+        _check_disk_space(dst, plan)
+        skipped = getattr(ckpt, "skipped", [])
+        if skipped:
+            report.warnings.append(f"{len(skipped)} non-tensor entries of SRC skipped (e.g. {skipped[0]!r})")
+        if layout.skipped_input_scales:
+            report.warnings.append(f"{len(layout.skipped_input_scales)} legacy scale_input == 1.0 dropped")
+
+        keys = [k for e, d in plan if d.action != "drop" for k in (L.planned_keys(L.layer_of(e.key)) if d.action != "keep" else [e.key])]
+        meta_estimate = sum(len(k) + 80 for k in keys) + sum(len(k) + len(v) for k, v in ckpt.metadata.items()) + 1024
+        reserve = header_reserve(keys, meta_estimate, _small_bytes(plan))
+        if shard_bytes:  # each shard holds about its share of the header and small tensors
+            share = min(1.0, shard_bytes / max(1, _output_bytes(plan)))
+            writer = ShardedWriter(dst, shard_bytes, int(reserve * share) + (64 << 10))
+        else:
+            writer = SafetensorsWriter(dst, reserve)
+        bar = _progress(ckpt.nbytes, progress)
+        quant_layers: dict[str, dict] = {}
+        try:
+            with writer:
+                for e, d in plan:
+                    if d.action == "drop":
+                        report.layers.append(_record(e, "dropped", "-", d.reason, 0))
+                work = [(e, d) for e, d in plan if d.action != "drop"]
+                dtype = L.default_dtype(layout)
+                for e, d, value in prefetch(((e, d, L.load(ckpt, e, dtype)) for e, d in work), 2):
+                    rec = _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfinite,
+                                       max_outlier_ratio, measure_error, quantizer)
+                    report.layers.append(rec)
+                    if bar is not None:
+                        bar.update(e.nbytes)
+                        bar.set_postfix_str(f"out/in {report.bytes_out / max(report.bytes_in, 1):.0%}", refresh=False)
+                meta = _metadata(ckpt, layout, report, pol, options, src, quant_layers)
+                if shard_bytes:
+                    writer.commit(lambda names: _shard_metadata(meta, names, quant_layers), {"ditq": meta[L.DITQ_METADATA_KEY]})
+                else:
+                    writer.commit(meta)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    report.dst_file_bytes = sum(p.stat().st_size for p in dst.glob("*.safetensors")) if dst.is_dir() else dst.stat().st_size
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
+
+
+def _static_decision(pol: Policy, e: L.Entry, options: dict) -> Decision:
+    if e.quantized and not e.partial_blocks:
+        d = pol.decide(e.key, e.shape, torch.bfloat16)
+        if d.action == "drop":
+            return d
+        return Decision("copy", f"already {e.fmt.name} in SRC", e.fmt.name)
+    dtype = torch.bfloat16 if e.partial_blocks else e.dtype  # partial-block layers are loaded dequantized
+    d = pol.decide(e.key, e.shape, dtype)
+    if d.quantize and options:
+        d.options = {**options, **d.options}
+    return d
+
+
+def _small_bytes(plan) -> int:
+    """Bytes of the small tensors (scales, configs, biases, norms) the writer holds back (an estimate:
+    a larger total only costs one move of the data)."""
+    total = 0
+    for e, d in plan:
+        if d.action == "quantize":
+            total += F.qdata_bytes(*e.shape, d.format) - _numel(e.shape) + 64
+        elif d.action in ("keep", "copy"):
+            out = e.nbytes if d.out_dtype is None else _numel(e.shape) * d.out_dtype.itemsize
+            total += out if out < SMALL_TENSOR_BYTES else 0
+    return total
+
+
+def _output_bytes(plan) -> int:
+    """Bytes of tensor data the plan writes (before data-dependent changes such as --keep-nonfinite)."""
+    need = 0
+    for e, d in plan:
+        if d.action == "quantize":
+            need += F.qdata_bytes(*e.shape, d.format) + 64
+        elif d.action == "copy" or (d.action == "keep" and d.out_dtype is None):
+            need += e.nbytes
+        elif d.action == "keep":
+            need += _numel(e.shape) * d.out_dtype.itemsize
+    return need
+
+
+def _check_disk_space(dst: Path, plan) -> None:
+    need = _output_bytes(plan)
+    free = shutil.disk_usage(dst.parent).free
+    if free < need + (64 << 20):
+        raise CheckpointError(
+            f"{dst.parent} has {free / 1e9:.2f} GB free but the output needs about {need / 1e9:.2f} GB; free some space "
+            f"or write elsewhere"
+        )
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _record(e: L.Entry, action: str, out: str, reason: str, bytes_out: int, **kw) -> LayerRecord:
+    return LayerRecord(
+        e.key, list(e.shape), str(e.dtype).replace("torch.", ""), action, out, reason, _numel(e.shape), e.nbytes,
+        bytes_out, **kw
+    )
+
+
+def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfinite, max_ratio, measure_error, quantizer):
+    layer = L.layer_of(e.key)
+    if d.action == "copy":
+        conf = L.comfy_conf(value.format)
+        out = L.quantized_to_disk(layer, value, conf)
+        for k, t in out.items():
+            writer.add(k, t)
+        quant_layers[layer] = conf
+        return _record(e, "copied", value.format, d.reason, sum(t.numel() * t.element_size() for t in out.values()))
+
+    if d.action == "quantize":
+        w = value.to(dev, non_blocking=True) if dev.type != "cpu" else value
+        ratio = None
+        if not bool(torch.isfinite(w).all()):
+            bad = int((~torch.isfinite(w)).sum())
+            if not keep_nonfinite:
+                raise NonFiniteError(
+                    f"{ckpt.info(e.sources[0]).file}: tensor {e.key!r} ({list(e.shape)}) holds {bad} NaN/Inf value(s); "
+                    f"nothing was written. Fix the checkpoint, keep the layer unquantized with --keep-nonfinite, or "
+                    f"--exclude it"
+                )
+            d = pol.keep(e.key, e.dtype, f"{bad} NaN/Inf (--keep-nonfinite)")
+        elif max_ratio is not None:
+            ratio = outlier_ratio(w, d.format)
+            if ratio > max_ratio:
+                d = pol.keep(e.key, e.dtype, f"outlier ratio > {max_ratio:g}")
+        if d.quantize:
+            qt = quantizer(e.key, w, d)
+            err = weight_error(qt, w) if measure_error else None
+            conf = L.comfy_conf(qt.format)
+            out = L.quantized_to_disk(layer, qt, conf)
+            for k, t in out.items():
+                writer.add(k, t)
+            quant_layers[layer] = conf
+            nbytes = sum(t.numel() * t.element_size() for t in out.values())
+            return _record(e, "quantized", qt.format, d.reason, nbytes, rel_error=err, outlier_ratio=ratio)
+        value = w.cpu() if w.device.type != "cpu" else w
+        rec_ratio = ratio
+    else:
+        rec_ratio = None
+
+    # keep: write the tensor as is, or in the dtype the policy asks for
+    t = value.dequantize() if isinstance(value, QuantizedTensor) else value
+    if d.out_dtype is not None and t.is_floating_point():
+        t = t.to(d.out_dtype)
+    writer.add(e.key, t)
+    out = str(t.dtype).replace("torch.", "")
+    return _record(e, "kept", out, d.reason, t.numel() * t.element_size(), outlier_ratio=rec_ratio)
+
+
+def weight_error(qt: QuantizedTensor, w: torch.Tensor) -> float:
+    """||dequantize(qt) - w|| / ||w||, in float64 sums over row chunks (see ``weight_error_stats``)."""
+    return weight_error_stats(qt, w)[0]
+
+
+def weight_error_stats(qt: QuantizedTensor, w: torch.Tensor, chunk_elements: int = 1 << 20) -> tuple[float, float]:
+    """(relative L2 error, largest error in units of the format's step) of a quantized weight against the
+    float weight w [N, K], computed over row chunks so that memory stays a fraction of the weight's.
+
+    The step of an element is its scale for int8 and the e4m3 spacing at |w / scale| (times the scale) for
+    fp8, so round-to-nearest gives at most 0.5 and any rounding to a neighbour at most 1. Dequantization
+    is ComfyUI's (``formats.dequantize_ref`` in float32)."""
+    fmt = F.get_format(qt.format)
+    n, k = w.shape
+    step = max(1, chunk_elements // max(k, 1))
+    if fmt.is_block:
+        step = max(F.BLOCK, step // F.BLOCK * F.BLOCK)
+    num = den = 0.0
+    worst = 0.0
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        if qt.scale.dim() == 0:
+            s = qt.scale
+        elif fmt.is_block:
+            s = qt.scale[i // F.BLOCK: -(-j // F.BLOCK)]
+        else:
+            s = qt.scale[i:j]
+        ref = w[i:j].double()
+        s_full = F.broadcast_weight_scale(s, fmt, j - i, k).double()
+        diff = F.dequantize_ref(qt.qdata[i:j], s, fmt, torch.float32).double() - ref
+        num += float(diff.square().sum())
+        den += float(ref.square().sum())
+        unit = s_full
+        if not fmt.is_int:  # e4m3fn: 3 mantissa bits, normals from 2^-6, subnormal spacing 2^-9
+            e = torch.floor(torch.log2((ref / s_full).abs().clamp(min=2.0**-6)))
+            unit = s_full * torch.exp2(e - 3)
+        worst = max(worst, float((diff.abs() / unit).max())) if diff.numel() else worst
+    rel = (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
+    return rel, worst
+
+
+def _metadata(ckpt, layout, report, pol, options, src: Path, quant_layers) -> dict[str, str]:
+    meta = {k: v for k, v in ckpt.metadata.items() if k not in (L.QUANT_METADATA_KEY, L.DITQ_METADATA_KEY)}
+    float_dtypes = [r.dtype for r in report.layers if r.action == "quantized"]
+    ditq = {
+        "version": __version__,
+        "format": report.format,
+        "preset": pol.preset,
+        "rounding": options.get("rounding", "nearest"),
+        "dtype": max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else "bfloat16",
+        "source": src.name,
+        "source_bytes": ckpt.file_size,
+        "source_layout": layout.kind,
+    }
+    meta[L.DITQ_METADATA_KEY] = json.dumps(ditq)
+    if quant_layers:
+        meta[L.QUANT_METADATA_KEY] = L.quantization_metadata(quant_layers)
+    return meta
+
+
+def _shard_metadata(meta: dict, names: list[str], quant_layers: dict) -> dict:
+    """Each shard's header lists only its own layers, so a loader never rebuilds a config for a weight
+    that lives in another shard."""
+    mine = {L.layer_of(n) for n in names if n.endswith(".weight")}
+    out = {k: v for k, v in meta.items() if k != L.QUANT_METADATA_KEY}
+    layers = {k: v for k, v in quant_layers.items() if k in mine}
+    if layers:
+        out[L.QUANT_METADATA_KEY] = L.quantization_metadata(layers)
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", dynamic_ncols=True,
+                file=sys.stderr)
+
+
+# -- command line ------------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("src", help="a .safetensors file, a sharded folder (or its index json), or a .bin/.pt/.ckpt file")
+    p.add_argument("-o", "--output", dest="dst", required=True, help="output .safetensors file (a folder with --shard-size)")
+    p.add_argument("--format", default="int8-row", choices=list(F.FORMATS), help="8-bit format (default int8-row)")
+    p.add_argument("--preset", default="auto", choices=PRESETS, help="layers kept in high precision (default: detect)")
+    p.add_argument("--include", action="append", default=[], metavar="REGEX", help="quantize matching weights the preset keeps (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep matching tensors unquantized (repeatable; wins over --include)")
+    p.add_argument("--keep-dtype", default="original", choices=list(KEEP_DTYPES), help="dtype of layers left unquantized")
+    p.add_argument("--min-elements", type=int, default=16384, metavar="N", help="keep weights with fewer elements (default 16384)")
+    p.add_argument("--max-outlier-ratio", type=float, default=None, metavar="R",
+                   help="keep layers whose worst scale group has amax/RMS above R (about R/440 relative int8 error)")
+    p.add_argument("--keep-nonfinite", action="store_true", help="keep NaN/Inf weights unquantized instead of failing")
+    p.add_argument("--rounding", default="nearest", choices=["nearest", "learned"], help="rounding of weights (default nearest)")
+    p.add_argument("--device", default="auto", help="where to quantize: auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--shard-size", default=None, metavar="SIZE", help="write a folder of shards of at most SIZE (e.g. 5GB)")
+    p.add_argument("--no-error", action="store_true", help="skip measuring each layer's weight error (a little faster)")
+    p.add_argument("--json", default=None, metavar="REPORT", help="write the full report as JSON ('-' for stdout)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+
+
+def main(args) -> int:
+    report = convert_checkpoint(
+        args.src,
+        args.dst,
+        format=args.format,
+        preset=args.preset,
+        include=args.include,
+        exclude=args.exclude,
+        keep_dtype=args.keep_dtype,
+        min_elements=args.min_elements,
+        max_outlier_ratio=args.max_outlier_ratio,
+        keep_nonfinite=args.keep_nonfinite,
+        device=args.device,
+        shard_size=args.shard_size,
+        rounding=args.rounding,
+        measure_error=not args.no_error,
+        progress=not args.quiet,
+    )
+    if args.json:
+        write_json(report.to_dict(), args.json)
+    if not args.quiet:
+        print(report.summary())
+    return 0
+
+
+def write_json(obj, path: str) -> None:
+    text = json.dumps(obj, indent=2)
+    if path == "-":
+        print(text)
+        return
+    try:
+        Path(path).write_text(text + "\n")
+    except OSError as e:
+        raise DitqError(f"cannot write report {path}: {e.strerror or e}") from None

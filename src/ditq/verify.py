@@ -1,0 +1,220 @@
+"""`ditq verify SRC DST`: check every key of a converted file against its source.
+
+For each entry of DST (read in any layout ditq understands, see ``checkpoint.layout``):
+- it must exist in SRC with the same shape;
+- a quantized weight must be valid for its format (finite positive scales, int8 within [-127, 127], no
+  NaN codes) and within the format's rounding bound of the source weight, element by element: at most
+  ``ROUNDING_LIMIT[rounding]`` steps, where a step is the scale (int8) or the e4m3 spacing at that value
+  (fp8). Round-to-nearest gives <= 0.5; a tool that truncates gives up to 1 and is reported as such;
+- a tensor kept unquantized must equal the source tensor cast to its dtype, bit for bit;
+- the header's ``_quantization_metadata`` and the ``.comfy_quant`` tensors must agree.
+Every SRC key must be in DST, unless DST's recorded preset drops it. Exit code 1 on any problem.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import formats as F
+from .checkpoint import layout as L
+from .checkpoint.io import open_checkpoint
+from .checkpoint.policy import Policy
+from .convert.convert import weight_error_stats, write_json
+from .tensor import QuantizedTensor
+
+# Largest error, in format steps, that each rounding may produce (a small margin absorbs float32 division).
+ROUNDING_LIMIT = {"nearest": 0.5 + 1e-3, "learned": 1.0 + 1e-3, "unknown": 1.0 + 1e-3}
+
+
+@dataclass
+class KeyCheck:
+    key: str
+    kind: str  # quantized format name, or "tensor"
+    ok: bool
+    detail: str = ""
+    rel_error: float | None = None
+    max_steps: float | None = None  # largest error in format steps
+
+
+@dataclass
+class VerifyReport:
+    src: str
+    dst: str
+    checks: list[KeyCheck] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def summary(self) -> str:
+        lines = [f"ditq verify: {self.dst} against {self.src}"]
+        kinds: dict[str, list[KeyCheck]] = {}
+        for c in self.checks:
+            kinds.setdefault(c.kind, []).append(c)
+        lines.append(f"  {'kind':<12} {'keys':>6} {'failed':>7} {'rel. error mean':>16} {'max':>8} {'max steps':>10}")
+        for kind, cs in sorted(kinds.items()):
+            errs = [c.rel_error for c in cs if c.rel_error is not None]
+            steps = [c.max_steps for c in cs if c.max_steps is not None]
+            lines.append(
+                f"  {kind:<12} {len(cs):>6} {sum(not c.ok for c in cs):>7} "
+                f"{(f'{sum(errs) / len(errs):.3%}' if errs else '-'):>16} {(f'{max(errs):.3%}' if errs else '-'):>8} "
+                f"{(f'{max(steps):.3f}' if steps else '-'):>10}"
+            )
+        failed = [c for c in self.checks if not c.ok]
+        for c in failed[:20]:
+            lines.append(f"  FAIL {c.key}: {c.detail}")
+        if len(failed) > 20:
+            lines.append(f"  ... and {len(failed) - 20} more failed keys")
+        lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  note: {n}" for n in self.notes]
+        verdict = "OK" if self.ok else "FAILED"
+        lines.append(f"  {verdict}: {len(self.checks)} keys checked in {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality that treats identical NaNs as equal."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    if a.dtype.itemsize in (1, 2, 4, 8) and a.dtype != torch.bool:
+        view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.dtype.itemsize]
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)
+
+
+def _check_codes(qt: QuantizedTensor) -> str:
+    """Problems with the stored codes and scales themselves, or ''."""
+    fmt = F.get_format(qt.format)
+    s = qt.scale
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        return "weight_scale holds zero, negative or non-finite values"
+    if fmt.is_int and int(qt.qdata.min()) < -127:
+        return "int8 codes hold -128 (the symmetric range is [-127, 127])"
+    if not fmt.is_int and not bool(torch.isfinite(qt.qdata.float()).all()):
+        return "fp8 codes hold NaN"
+    return ""
+
+
+def verify_checkpoint(src, dst, rounding: str | None = None) -> VerifyReport:
+    """Check ``dst`` (a converted file or folder) against ``src`` (its source). ``rounding`` overrides
+    the rounding DST records (nearest | learned | unknown), which sets the per-element bound."""
+    t0 = time.perf_counter()
+    report = VerifyReport(str(src), str(dst))
+    with open_checkpoint(src) as sck, open_checkpoint(dst) as dck:
+        slay, dlay = L.scan(sck), L.scan(dck)
+        s_entries = {e.key: e for e in slay.entries}
+        ditq = dlay.ditq
+        rounding = rounding or ditq.get("rounding", "unknown" if not ditq else "nearest")
+        limit = ROUNDING_LIMIT.get(rounding, ROUNDING_LIMIT["unknown"])
+        if not ditq:
+            report.notes.append("DST carries no ditq metadata (written by another tool): bound is 1 step per element")
+        elif ditq.get("source_bytes") not in (None, sck.file_size):
+            report.notes.append(
+                f"DST records a source of {ditq.get('source_bytes')} bytes ({ditq.get('source')}); SRC has {sck.file_size}"
+            )
+        _check_metadata(dlay, report)
+
+        dtype = L.default_dtype(dlay)
+        for e in dlay.entries:
+            se = s_entries.get(e.key)
+            if se is None:
+                report.checks.append(KeyCheck(e.key, e.fmt.name if e.quantized else "tensor", False, "not in SRC"))
+                continue
+            if tuple(se.shape) != tuple(e.shape):
+                report.checks.append(KeyCheck(e.key, e.fmt.name if e.quantized else "tensor", False,
+                                              f"shape {list(e.shape)} but SRC has {list(se.shape)}"))
+                continue
+            d_val = L.load(dck, e, dtype)
+            s_val = L.load(sck, se, dtype)
+            report.checks.append(_check_entry(e, d_val, s_val, limit))
+
+        missing = [k for k in s_entries if k not in {e.key for e in dlay.entries}]
+        if missing:
+            dropped = _dropped_by_preset(ditq, missing, s_entries)
+            rest = [k for k in missing if k not in dropped]
+            if dropped:
+                report.notes.append(f"{len(dropped)} SRC keys dropped by preset {ditq.get('preset')} (e.g. {dropped[0]!r})")
+            if rest:
+                report.problems.append(f"{len(rest)} SRC keys missing from DST, e.g. {rest[:3]}")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _check_entry(e: L.Entry, d_val, s_val, limit: float) -> KeyCheck:
+    if isinstance(d_val, QuantizedTensor):
+        bad = _check_codes(d_val)
+        if bad:
+            return KeyCheck(e.key, d_val.format, False, bad)
+        if isinstance(s_val, QuantizedTensor):  # copied from an already quantized source
+            same = (s_val.format == d_val.format and _bits_equal(s_val.qdata, d_val.qdata)
+                    and _bits_equal(s_val.scale.float(), d_val.scale.float()))
+            return KeyCheck(e.key, d_val.format, same, "" if same else "differs from the quantized SRC layer",
+                            0.0 if same else None, 0.0 if same else None)
+        if not s_val.is_floating_point():
+            return KeyCheck(e.key, d_val.format, False, f"SRC tensor has dtype {s_val.dtype}")
+        rel, steps = weight_error_stats(d_val, s_val)
+        ok = steps <= limit
+        detail = "" if ok else f"error reaches {steps:.3f} steps of the format (bound {limit:.3f}): not this weight's rounding"
+        return KeyCheck(e.key, d_val.format, ok, detail, rel, steps)
+    kind = "tensor" if not e.partial_blocks else f"{e.fmt.name}*"
+    if isinstance(s_val, QuantizedTensor):
+        s_val = s_val.dequantize()
+    if e.partial_blocks:  # loaded dequantized: compare errors only
+        rel = F.relative_error(d_val.float(), s_val.float())
+        return KeyCheck(e.key, kind, rel < 0.1, "" if rel < 0.1 else f"relative error {rel:.2%}", rel)
+    same = _bits_equal(s_val.to(d_val.dtype), d_val)
+    detail = "" if same else f"differs from SRC ({s_val.dtype} -> {d_val.dtype})"
+    return KeyCheck(e.key, kind, same, detail)
+
+
+def _check_metadata(dlay: L.Layout, report: VerifyReport) -> None:
+    h, t = dlay.header_layers, dlay.tensor_layers
+    if h and t:
+        diff = sorted(k for k in set(h) | set(t) if h.get(k) != t.get(k))
+        if diff:
+            k = diff[0]
+            report.problems.append(
+                f"_quantization_metadata and .comfy_quant disagree for {len(diff)} layer(s), e.g. {k!r}: "
+                f"{json.dumps(h.get(k))} vs {json.dumps(t.get(k))}"
+            )
+    elif t and not h:
+        report.notes.append("DST has .comfy_quant tensors but no _quantization_metadata header (ComfyUI accepts this)")
+    elif h and not t:
+        report.notes.append("DST has _quantization_metadata but no .comfy_quant tensors (ComfyUI rebuilds them)")
+
+
+def _dropped_by_preset(ditq: dict, keys: list[str], entries) -> list[str]:
+    if not ditq.get("preset"):
+        return []
+    pol = Policy(ditq.get("format", "int8-row"), ditq["preset"], min_elements=0)
+    return [k for k in keys if pol.decide(k, tuple(entries[k].shape), entries[k].dtype).action == "drop"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("src", help="the source checkpoint (file, sharded folder or index json)")
+    p.add_argument("dst", help="the converted checkpoint")
+    p.add_argument("--rounding", choices=sorted(ROUNDING_LIMIT), default=None,
+                   help="rounding bound to check (default: what DST records; 'unknown' allows 1 step)")
+    p.add_argument("--json", default=None, metavar="REPORT", help="write the report as JSON ('-' for stdout)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only failures")
+
+
+def main(args) -> int:
+    report = verify_checkpoint(args.src, args.dst, args.rounding)
+    if args.json:
+        write_json(report.to_dict(), args.json)
+    if not args.quiet or not report.ok:
+        print(report.summary())
+    return 0 if report.ok else 1
