@@ -2,7 +2,9 @@
 
 Tolerances: the kernels sum exact integer (int8) or exact-product fp32 (fp8) partials and apply the scales
 in fp32, so with an fp32 output they agree with float64 to ~1e-6 (bound 2e-5); a bf16 / fp16 output adds
-one rounding of the result (2^-9 / 2^-12 relative per element, bound 6e-3 / 1e-3 on the norm)."""
+one rounding of the result (2^-9 / 2^-12 relative per element, bound 6e-3 / 1e-3 on the norm). On Hopper
+the fp8 tensor-core product (wgmma) accumulates with fewer than fp32's mantissa bits, so fp8 formats whose
+K loop accumulates in the tensor core (not the block formats, promoted every 128) get 1e-3 there."""
 
 import pytest
 import torch
@@ -17,6 +19,13 @@ from ditq.kernels.gemm import Config
 FMTS = list(F.FORMATS)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
+
+
+def tol(fmt, out_dtype):
+    f = F.get_format(fmt)
+    if DEV == "cuda" and not f.is_int and not f.is_block:
+        return max(TOL[out_dtype], 1e-3)
+    return TOL[out_dtype]
 
 
 def _operands(fmt, m, n, k, x_layout="contiguous"):
@@ -36,16 +45,21 @@ def _ref(xq, xs, wq, ws, fmt, bias):
 
 # configs that exercise each code path in the interpreter: TMA / pointer loads, one or two K blocks per
 # iteration, both int32 -> fp32 promotions, N tiles narrower than the 128 weight block, K tails
-NONBLOCK_CFGS = [Config(32, 32, 64, 4, 4, 1, tma=True), Config(16, 64, 32, 2, 4, 1, tma=False)]
+# (persistent: more tiles than the interpreter's 4 programs, so each program loops over several tiles)
+NONBLOCK_CFGS = [
+    Config(32, 32, 64, 4, 4, 1, tma=True),
+    Config(16, 64, 32, 2, 4, 1, tma=False),
+    Config(32, 32, 64, 2, 4, 1, tma=True, persistent=True),
+]
 BLOCK_CFGS = [
     Config(32, 128, 128, 4, 4, 1, tma=True, dot2=True),
     Config(16, 64, 128, 2, 4, 1, tma=False, dot2=False, magic_i2f=True),
-    Config(32, 128, 128, 4, 4, 1, tma=True, dot2=True, magic_i2f=True),
+    Config(16, 128, 128, 2, 4, 1, tma=True, magic_i2f=True, persistent=True),
 ]
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("cfg_i", [0, 1])
+@pytest.mark.parametrize("cfg_i", [0, 1, 2])
 def test_scaled_mm_matches_float64(fmt, cfg_i, poisoned, seed):
     f = F.get_format(fmt)
     cfg = (BLOCK_CFGS if f.is_block else NONBLOCK_CFGS)[cfg_i]
@@ -58,7 +72,7 @@ def test_scaled_mm_matches_float64(fmt, cfg_i, poisoned, seed):
         ref = _ref(xq, xs, wq, ws, f, bias)
         assert y.dtype == out_dtype and y.shape == (m, n)
         err = F.relative_error(y, ref)
-        assert err < TOL[out_dtype], f"seed {seed} {cfg}: rel err {err:.2e} ({out_dtype})"
+        assert err < tol(f, out_dtype), f"seed {seed} {cfg}: rel err {err:.2e} ({out_dtype})"
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -68,7 +82,7 @@ def test_scaled_mm_default_config_no_bias_fp16_strided_x(fmt, poisoned, seed):
     xq, xs, wq, ws = _operands(fmt, m, n, k, x_layout="transposed")
     y = G.scaled_mm(xq, xs, wq, ws, f, None, torch.float16)
     err = F.relative_error(y, _ref(xq, xs, wq, ws, f, None))
-    assert err < TOL[torch.float16], f"seed {seed}: {err:.2e}"
+    assert err < tol(f, torch.float16), f"seed {seed}: {err:.2e}"
 
 
 def test_scaled_mm_magic_promotion_extremes(poisoned):
@@ -115,4 +129,5 @@ def test_scaled_mm_property(fmt, m, n_units, k_units, tail, with_bias, seed):
     xq, xs, wq, ws = _operands(fmt, m, n, k)
     bias = torch.randn(n, device=DEV) if with_bias else None
     y = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.float32)
-    assert F.relative_error(y, _ref(xq, xs, wq, ws, f, bias)) < TOL[torch.float32]
+    err = F.relative_error(y, _ref(xq, xs, wq, ws, f, bias))
+    assert err < tol(f, torch.float32), f"{fmt} M={m} N={n} K={k} seed {seed}: rel err {err:.2e}"

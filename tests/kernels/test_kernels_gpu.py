@@ -47,8 +47,12 @@ def test_linear_at_diffusion_shapes(fmt, mnk, poisoned, seed):
 def _alt_configs(f):
     C = G.Config
     if f.is_block:
-        return [C(128, 128, 128, 8, 8, 3, tma=False, dot2=True), C(64, 128, 128, 8, 4, 3, tma=True, magic_i2f=f.is_int)]
-    return [C(128, 128, 64, 8, 4, 3, tma=False), C(64, 128, 128, 8, 4, 3, tma=True)]
+        return [
+            C(128, 128, 128, 8, 8, 3, tma=False, dot2=True),
+            C(64, 128, 128, 8, 4, 3, tma=True, magic_i2f=f.is_int),
+            C(128, 128, 128, 8, 8, 3, tma=True, persistent=True),
+        ]
+    return [C(128, 128, 64, 8, 4, 3, tma=False), C(64, 128, 128, 8, 4, 3, tma=True), C(128, 256, 128, 8, 8, 3, persistent=True)]
 
 
 @pytest.mark.parametrize("fmt", ["int8-row", "fp8-block"])

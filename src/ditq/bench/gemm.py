@@ -33,29 +33,38 @@ BOUND = {True: 0.025, False: 0.06}  # issue 2: relative error of linear vs float
 
 
 def candidates(fmt: str, m: int):
+    """The configurations ``--tune`` tries (see bench/NOTES.md for why these)."""
     from ..kernels.gemm import Config as C
 
-    if F.get_format(fmt).is_block:
+    f = F.get_format(fmt)
+    if f.is_block:
         cs = [
-            C(128, 128, 128, 8, 8, 3, tma=True),
-            C(128, 128, 128, 8, 8, 4, tma=True, dot2=True),
             C(128, 128, 128, 8, 8, 3, tma=False, dot2=True),
-            C(256, 128, 128, 8, 16, 3, tma=True, dot2=False),
-            C(128, 64, 128, 8, 4, 4, tma=True, dot2=True),
+            C(128, 128, 128, 8, 8, 3, tma=True, dot2=True),
             C(64, 128, 128, 8, 4, 4, tma=True),
+            C(64, 128, 128, 8, 4, 3, tma=True),
+            C(64, 128, 128, 8, 4, 4, tma=False),
+            C(128, 128, 128, 8, 8, 3, tma=True, persistent=True),
+            C(64, 128, 128, 8, 4, 3, tma=True, persistent=True),
         ]
-        if F.get_format(fmt).is_int:
-            cs.append(C(128, 128, 128, 8, 8, 4, tma=True, dot2=True, magic_i2f=True))
+        if f.is_int:
+            cs += [C(64, 128, 128, 8, 4, 4, tma=True, magic_i2f=True),
+                   C(128, 128, 128, 8, 8, 3, tma=False, dot2=True, magic_i2f=True)]  # fmt: skip
         return cs
-    return [
-        C(128, 256, 128, 8, 8, 3, tma=True),
-        C(128, 256, 128, 8, 8, 4, tma=True),
-        C(256, 128, 128, 8, 8, 3, tma=True),
-        C(128, 128, 128, 8, 4, 4, tma=True),
-        C(128, 256, 128, 8, 8, 3, tma=False),
-        C(128, 256, 64, 8, 8, 4, tma=True),
-        C(64, 128, 128, 8, 4, 4, tma=True),
+    cs = [
+        C(128, 256, 128, 8, 8, 3),
+        C(128, 256, 128, 8, 8, 4),
+        C(256, 128, 128, 8, 8, 3),
+        C(128, 128, 128, 8, 4, 4),
+        C(64, 256, 128, 8, 4, 4),
+        C(64, 128, 128, 8, 4, 4),
+        C(128, 256, 128, 8, 8, 3, persistent=True),
+        C(256, 128, 128, 8, 8, 3, persistent=True),
+        C(128, 128, 128, 8, 4, 4, persistent=True),
     ]
+    if m <= 1024:
+        cs.append(C(64, 64, 128, 8, 4, 4))
+    return cs
 
 
 def add_arguments(p) -> None:
@@ -103,6 +112,41 @@ def _eager_overhead(ops, wq_by_fmt) -> dict:
     for fmt, (wq, ws) in wq_by_fmt.items():
         res[f"ditq {fmt}"] = per_call(lambda: ops.linear(x, wq, ws, fmt, b))
         res[f"custom op {fmt}"] = per_call(lambda: torch.ops.ditq.linear(x, wq, ws, fmt, b, torch.bfloat16))
+    wq, ws = wq_by_fmt["int8-row"]
+    q, s = ops.act_quant(x, "int8-row")
+    res["act_quant int8-row"] = per_call(lambda: ops.act_quant(x, "int8-row"))
+    res["scaled_mm int8-row"] = per_call(lambda: ops.scaled_mm(q, s, wq, ws, "int8-row", b))
+    res["torch.empty x3"] = per_call(lambda: (torch.empty(16, 1024, dtype=torch.int8, device="cuda"),
+                                              torch.empty(16, 1, device="cuda"), torch.empty(16, 1024, device="cuda")))  # fmt: skip
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(500):
+        ops.linear(x, wq, ws, "int8-row", b)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+    print("\n".join(out.getvalue().splitlines()[:40]))
+    return res
+
+
+def _compiled_vs_eager(ops, bench) -> dict:
+    """torch.compile(fullgraph) around ditq's linear (custom op) vs eager, Flux qkv shape."""
+    res = {}
+    x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3072, 3072, device="cuda") * 0.02
+    b = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
+    for fmt in ("int8-row", "fp8-row"):
+        wq, ws = ops.quant_weight(w, fmt)
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x: ops.linear(x, wq, ws, fmt, b), fullgraph=True)
+        t0 = time.perf_counter()
+        same = torch.equal(fn(x), ops.linear(x, wq, ws, fmt, b))
+        res[fmt] = {"compile_s": time.perf_counter() - t0, "same_as_eager": same,
+                    "eager_ms": bench(lambda: ops.linear(x, wq, ws, fmt, b)), "compiled_ms": bench(lambda: fn(x))}  # fmt: skip
     return res
 
 
@@ -234,10 +278,36 @@ def main(args) -> int:
         print(f"  {a['format']:10s} {a['M']:6d}x{a['K']:<6d} exact_div={int(a['exact_div'])}  {a['ms'] * 1e3:7.1f} us"
               f"  {a['GBps']:6.0f} GB/s  {a['of_copy']:.0%}")  # fmt: skip
 
+    # ---- what the compiler made of the kernels at one large shape (registers, spills, instruction mix)
+    report["kernels"] = {}
+    m, n, k = 4608, 3072, 12288
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    print("\n# compiled GEMM kernels at 4608x3072x12288")
+    for fmt in fmts:
+        wq, ws = ops.quant_weight(w, fmt)
+        xq, xs = ops.act_quant(x, fmt)
+        G.scaled_mm(xq, xs, wq, ws, fmt, None, torch.bfloat16)
+        kern = G.last_compiled
+        ptx = kern.asm.get("ptx", "")
+        info = {"config": CF.get_config(fmt, m, n, k).as_list(), "n_regs": kern.n_regs, "n_spills": kern.n_spills,
+                "shared": getattr(kern.metadata, "shared", None)}
+        for ins in ("wgmma.mma_async", "mma.sync", "cvt.rn.f32.s32", "cp.async.bulk.tensor", "cp.async.cg", "fma.rn.f32"):
+            info[ins] = ptx.count(ins)
+        report["kernels"][fmt] = info
+        print(f"  {fmt:10s} " + " ".join(f"{kk}={vv}" for kk, vv in info.items()))
+    del x, w
+
     wq_small = {fmt: ops.quant_weight(torch.randn(1024, 1024, device="cuda"), fmt) for fmt in fmts}
     report["eager_overhead_us"] = _eager_overhead(ops, wq_small)
     print("\n# host time per call at M=16, N=K=1024 (us): "
           + ", ".join(f"{k}={v:.1f}" for k, v in report["eager_overhead_us"].items()))  # fmt: skip
+    try:
+        report["compile"] = _compiled_vs_eager(ops, bench)
+        print("# torch.compile(fullgraph) vs eager at 4608x3072x3072:", report["compile"])
+    except Exception as e:  # reported, not fatal: the eager numbers above stand on their own
+        report["compile"] = f"{type(e).__name__}: {e}"
+        print("# torch.compile failed:", report["compile"][:300])
 
     # ---- summary table
     big = [r for r in report["shapes"] if r["M"] >= 4096]

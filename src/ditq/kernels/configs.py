@@ -48,21 +48,37 @@ def heuristic(fmt: str, m: int, n: int, k: int) -> Config:
             return Config(32, 64, 128, 4, 4, 1, tma=True, dot2=True)
         return Config(32, 32, 64, 4, 4, 1, tma=True)
     if fmt in BLOCK_FORMATS:
-        if m <= 256:
+        if m <= 8192:
             return Config(64, 128, 128, 8, 4, 4, tma=True)
-        return Config(128, 128, 128, 8, 8, 4, tma=True, dot2=True)
+        return Config(128, 128, 128, 8, 8, 3, tma=False, dot2=True)
     if m <= 128:
         return Config(64, 64, 128, 8, 4, 4)
     if m <= 1024:
-        return Config(128, 128, 128, 8, 8, 4)
+        return Config(128, 128, 128, 8, 4, 4)
     return Config(128, 256, 128, 8, 8, 3)
+
+
+def _nearest_tuned(fmt: str, m: int, n: int, k: int) -> Config | None:
+    """The tuned config of the same format and M bucket whose (N, K) is closest in log scale."""
+    import math
+
+    prefix = f"{fmt}|{m_bucket(m)}|"
+    best, best_d = None, math.inf
+    for key_, c in tuned().items():
+        if key_.startswith(prefix):
+            tn, tk = (int(v) for v in key_[len(prefix) :].split("|"))
+            d = abs(math.log(tn / n)) + abs(math.log(tk / k))
+            if d < best_d:
+                best, best_d = c, d
+    return best
 
 
 @lru_cache(maxsize=4096)
 def get_config(fmt: str, m: int, n: int, k: int) -> Config:
-    """The launch configuration for a GEMM: the tuned one for (format, M bucket, N, K), else the heuristic."""
+    """The launch configuration for a GEMM: the tuned one for (format, M bucket, N, K); else the tuned one
+    of the nearest (N, K) in that M bucket; else the heuristic."""
     if not INTERPRET:
-        c = tuned().get(key(fmt, m, n, k))
+        c = tuned().get(key(fmt, m, n, k)) or _nearest_tuned(fmt, m, n, k)
         if c is not None:
             return c
     return heuristic(fmt, m, n, k)

@@ -34,6 +34,10 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
     TensorDescriptor = None
 
 
+last_compiled = None
+"""The compiled kernel of the latest launch (for the benchmark's resource report: registers, spills, PTX)."""
+
+
 @dataclass(frozen=True)
 class Config:
     """A GEMM launch configuration (the tuned key is format, M bucket, N, K: see ``configs.py``)."""
@@ -47,14 +51,17 @@ class Config:
     tma: bool = True  # TMA descriptor loads (else pointer loads, masked)
     dot2: bool = False  # block formats: two independent K-block products per loop iteration
     magic_i2f: bool = False  # int8-block: int32 -> fp32 by an add on the bits instead of a convert
+    persistent: bool = False  # one program per SM looping over tiles (TMA only): next loads overlap the epilogue
+    maxnreg: int = 0  # register cap per thread (0: the compiler's choice); lets more programs share an SM
 
     def as_list(self) -> list:
         return [self.block_m, self.block_n, self.block_k, self.group_m, self.num_warps, self.num_stages,
-                int(self.tma), int(self.dot2), int(self.magic_i2f)]  # fmt: skip
+                int(self.tma), int(self.dot2), int(self.magic_i2f), int(self.persistent), self.maxnreg]  # fmt: skip
 
     @classmethod
     def from_list(cls, v) -> "Config":
-        return cls(*v[:6], *(bool(b) for b in v[6:9]))
+        v = list(v) + [0] * (11 - len(v))
+        return cls(*v[:6], *(bool(b) for b in v[6:10]), int(v[10]))
 
 
 @triton.jit
@@ -95,30 +102,99 @@ def _promote(p, IS_INT: tl.constexpr, MAGIC_I2F: tl.constexpr):
         return p
 
 
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row tiles sweep the N tiles together, so x and w tiles are reused from L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (tile // in_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % in_group) % size_m
+    pid_n = (tile % in_group) // size_m
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _block_scaled_step(acc, a, b, xs_row, ws_row, kb, stride_xsk, stride_wsk,
+                       IS_INT: tl.constexpr, MAGIC_I2F: tl.constexpr):  # fmt: skip
+    """acc += (a @ b^T) * x_scale[:, kb] * w_scale[kb]: one 128-wide K block, promoted into fp32."""
+    p = tl.dot(a, tl.trans(b), out_dtype=tl.int32 if IS_INT else tl.float32)
+    s = tl.load(xs_row + kb * stride_xsk) * tl.load(ws_row + kb * stride_wsk)
+    return acc + _promote(p, IS_INT, MAGIC_I2F) * s[:, None]
+
+
+@triton.jit
+def _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
+              BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+              MANUAL_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Scales (non-block formats: x_scale[m] * w_scale[n] or scalar), bias, cast, masked store."""
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    if BLOCK_SCALED:
+        y = acc
+    else:
+        xs = tl.load(xs_ptr + (rm % M).to(tl.int64) * stride_xsm)
+        if W_SCALE_ROW:
+            ws = tl.load(ws_ptr + (rn % N) * stride_wsn)
+            y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        else:
+            y = acc.to(tl.float32) * (xs * tl.load(ws_ptr))[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out, cast_rne(y, out_ptr.dtype.element_ty, MANUAL_RNE), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _scaled_mm_persistent_kernel(
+    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_om, stride_xsm, stride_xsk, stride_wsn, stride_wsk,
+    IS_INT: tl.constexpr, BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MAGIC_I2F: tl.constexpr, MANUAL_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):  # fmt: skip
+    """One program per SM, looping over output tiles; the tile loop is flattened with the K loop so the
+    software pipeline issues the next tile's TMA loads while this tile's epilogue runs."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    tile_out = tl.program_id(0) - NUM_PROGRAMS  # tile of the epilogue, tracked apart (as flattening needs)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
+        off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if BLOCK_SCALED:
+            xs_row = xs_ptr + ((off_m + tl.arange(0, BLOCK_M)) % M).to(tl.int64) * stride_xsm
+            ws_row = ws_ptr + (off_n // 128) * stride_wsn
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for kb in range(k_steps):
+                a = x_desc.load([off_m, kb * BLOCK_K])
+                b = w_desc.load([off_n, kb * BLOCK_K])
+                acc = _block_scaled_step(acc, a, b, xs_row, ws_row, kb, stride_xsk, stride_wsk, IS_INT, MAGIC_I2F)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if IS_INT else tl.float32)
+            for kb in range(k_steps):
+                a = x_desc.load([off_m, kb * BLOCK_K])
+                b = w_desc.load([off_n, kb * BLOCK_K])
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32 if IS_INT else tl.float32)
+        tile_out += NUM_PROGRAMS
+        off_m, off_n = _tile_coords(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
+                  BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE, BLOCK_M, BLOCK_N)  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["M"])  # M changes call to call; one compiled kernel serves every M
 def _scaled_mm_kernel(
     x_ptr, x_desc, w_ptr, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr,
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om,
     stride_xsm, stride_xsk, stride_wsn, stride_wsk,
     IS_INT: tl.constexpr, BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, DOT2: tl.constexpr, MAGIC_I2F: tl.constexpr,
     MANUAL_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # grouped ordering: GROUP_M row tiles sweep the N tiles together, so x and w tiles are reused from L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
+    off_m, off_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = off_m + tl.arange(0, BLOCK_M)
-    rn = off_n + tl.arange(0, BLOCK_N)
     dot_ty = tl.int32 if IS_INT else tl.float32
 
     if BLOCK_SCALED:
@@ -136,7 +212,7 @@ def _scaled_mm_kernel(
                                      stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
                                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
                 p0 = tl.dot(a0, tl.trans(b0), out_dtype=dot_ty)
-                p1 = tl.dot(a1, tl.trans(b1), out_dtype=dot_ty)
+                p1 = tl.dot(a1, tl.trans(b1), out_dtype=dot_ty)  # issued before p0 is promoted
                 s0 = tl.load(xs_row + kb * stride_xsk) * tl.load(ws_row + kb * stride_wsk)
                 s1 = tl.load(xs_row + (kb + 1) * stride_xsk) * tl.load(ws_row + (kb + 1) * stride_wsk)
                 acc += _promote(p0, IS_INT, MAGIC_I2F) * s0[:, None]
@@ -146,18 +222,13 @@ def _scaled_mm_kernel(
                 a0, b0 = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, kb * BLOCK_K, M, N, K,
                                      stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
                                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-                p0 = tl.dot(a0, tl.trans(b0), out_dtype=dot_ty)
-                s0 = tl.load(xs_row + kb * stride_xsk) * tl.load(ws_row + kb * stride_wsk)
-                acc += _promote(p0, IS_INT, MAGIC_I2F) * s0[:, None]
+                acc = _block_scaled_step(acc, a0, b0, xs_row, ws_row, kb, stride_xsk, stride_wsk, IS_INT, MAGIC_I2F)
         else:
             for kb in range(0, n_kb):
                 a, b = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, kb * BLOCK_K, M, N, K,
                                    stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
                                    BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-                p = tl.dot(a, tl.trans(b), out_dtype=dot_ty)
-                s = tl.load(xs_row + kb * stride_xsk) * tl.load(ws_row + kb * stride_wsk)
-                acc += _promote(p, IS_INT, MAGIC_I2F) * s[:, None]
-        y = acc
+                acc = _block_scaled_step(acc, a, b, xs_row, ws_row, kb, stride_xsk, stride_wsk, IS_INT, MAGIC_I2F)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=dot_ty)
         for k in range(0, K, BLOCK_K):
@@ -165,17 +236,19 @@ def _scaled_mm_kernel(
                                stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, EVEN_K,
                                BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=dot_ty)
-        xs = tl.load(xs_ptr + (rm % M).to(tl.int64) * stride_xsm)
-        if W_SCALE_ROW:
-            ws = tl.load(ws_ptr + (rn % N) * stride_wsn)
-            y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-        else:
-            y = acc.to(tl.float32) * (xs * tl.load(ws_ptr))[:, None]
+    _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
+              BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE, BLOCK_M, BLOCK_N)  # fmt: skip
 
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
-    tl.store(out, cast_rne(y, out_ptr.dtype.element_ty, MANUAL_RNE), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 4
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -241,24 +314,38 @@ def scaled_mm(
     if fmt.is_block and (c.block_k != F.BLOCK or F.BLOCK % c.block_n):
         raise ShapeError(f"config {c} invalid for {fmt.name}: needs block_k == 128 and block_n dividing 128")
     use_tma = c.tma and _tma_ok(xq) and _tma_ok(wq)
-    if use_tma:
-        x_desc = TensorDescriptor(xq, list(xq.shape), list(xq.stride()), [c.block_m, c.block_k])
-        w_desc = TensorDescriptor(wq, list(wq.shape), list(wq.stride()), [c.block_n, c.block_k])
-    else:
-        x_desc = w_desc = None
     if x_scale.dim() == 1:
         x_scale = x_scale[:, None]
-    ws_stride = (w_scale.stride() + (0, 0))[:2] if w_scale.dim() else (0, 0)
-    grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
-    _scaled_mm_kernel[grid](
-        xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out,
-        m, n, k,
-        xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-        x_scale.stride(0), x_scale.stride(1), ws_stride[0], ws_stride[1],
-        IS_INT=fmt.is_int, BLOCK_SCALED=fmt.is_block, W_SCALE_ROW=fmt.weight_granularity == "row",
-        HAS_BIAS=bias is not None, USE_TMA=use_tma, EVEN_K=k % c.block_k == 0, DOT2=c.dot2,
-        MAGIC_I2F=c.magic_i2f, MANUAL_RNE=INTERPRET,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+    wss = w_scale.stride()
+    ws_stride = (wss[0], wss[1] if len(wss) > 1 else 0) if wss else (0, 0)
+    opts = {"maxnreg": c.maxnreg} if c.maxnreg else {}
+    common = dict(IS_INT=fmt.is_int, BLOCK_SCALED=fmt.is_block, W_SCALE_ROW=fmt.weight_granularity == "row",
+                  HAS_BIAS=bias is not None)  # fmt: skip
+    tiles = triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n)
+    if use_tma:
+        x_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [c.block_m, c.block_k])
+        w_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [c.block_n, c.block_k])
+    else:
+        x_desc = w_desc = None
+    global last_compiled
+    if use_tma and c.persistent:
+        programs = min(tiles, _num_sms(xq.device))
+        args = (x_desc, w_desc, x_scale, w_scale, bias, out, m, n, k, out.stride(0),
+                x_scale.stride(0), x_scale.stride(1), ws_stride[0], ws_stride[1])  # fmt: skip
+        last_compiled = _quant.launch(
+            _scaled_mm_persistent_kernel, (programs,), args,
+            dict(**common, MAGIC_I2F=c.magic_i2f, MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                 BLOCK_K=c.block_k, GROUP_M=c.group_m, NUM_PROGRAMS=programs),
+            c.num_warps, c.num_stages, **opts,
+        )  # fmt: skip
+        return out
+    args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, m, n, k,
+            xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
+            x_scale.stride(0), x_scale.stride(1), ws_stride[0], ws_stride[1])  # fmt: skip
+    last_compiled = _quant.launch(
+        _scaled_mm_kernel, (tiles,), args,
+        dict(**common, USE_TMA=use_tma, EVEN_K=k % c.block_k == 0, DOT2=c.dot2, MAGIC_I2F=c.magic_i2f,
+             MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m),
+        c.num_warps, c.num_stages, **opts,
     )  # fmt: skip
     return out

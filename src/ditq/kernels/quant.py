@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+import numpy as np
+
 from .. import formats as F
 from ..errors import ShapeError
 from . import INTERPRET
@@ -34,6 +36,52 @@ _MAX_ROW = 16384  # widest row quantized in one pass from registers (per-token s
 def empty(shape, dtype, device) -> torch.Tensor:
     """Every kernel output is allocated here (tests replace it to poison outputs before kernels write)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+_COMPILED: dict = {}
+
+
+def _spec(a):
+    """What Triton specializes a kernel argument on: dtype and 16-byte alignment of tensors, divisibility
+    by 16 and equality to 1 of integers, dtype and box of tensor descriptors."""
+    if a.__class__ is int:
+        return (a & 15 == 0, a == 1)
+    if a.__class__ is torch.Tensor:
+        return (a.dtype, a.data_ptr() & 15 == 0)
+    if a is None or a.__class__ is float:
+        return a.__class__
+    return (a.base.dtype, tuple(a.block_shape), a.padding)  # TensorDescriptor
+
+
+def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int = 1, **options):
+    """``kernel[grid](*args, **constexprs, ...)`` without the JIT's per-call binding: the first launch of
+    each specialization goes through Triton (compiles, caches); later ones call the compiled kernel's
+    launcher directly, which cuts the host time of a launch several-fold (small GEMMs are launch-bound).
+    ``constexprs`` must follow the kernel's parameter order (checked at the first launch)."""
+    if INTERPRET:
+        return kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
+    dev = torch.cuda.current_device()
+    key = (kernel, dev, num_warps, num_stages, tuple(options.items()), tuple(constexprs.values()),
+           tuple([_spec(a) for a in args]))  # fmt: skip
+    ck = _COMPILED.get(key)
+    if ck is None:
+        names = kernel.arg_names[len(args) :]
+        assert list(constexprs) == names, f"launch({kernel.fn.__name__}): constexprs must be given in order {names}"
+        ck = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
+        _COMPILED[key] = ck
+        return ck
+    full = (*args, *constexprs.values())
+    stream = torch._C._cuda_getCurrentRawStream(dev)
+    enter = triton.knobs.runtime.launch_enter_hook
+    meta = ck.launch_metadata(grid, stream, *full) if enter is not None else None
+    ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, ck.function,
+           ck.packed_metadata, meta, enter, triton.knobs.runtime.launch_exit_hook, *full)  # fmt: skip
+    return ck
+
+
+def _rcp(qmax: float) -> float:
+    """float32(1) / float32(qmax): the reciprocal torch's CUDA division by a Python scalar multiplies with."""
+    return float(np.float32(1.0) / np.float32(qmax))
 
 
 @triton.jit
@@ -73,6 +121,17 @@ def _to_storage(v, QMAX: tl.constexpr, IS_INT: tl.constexpr, FP8_MANUAL: tl.cons
 
 
 @triton.jit
+def _scale_of(amax, QMAX: tl.constexpr, RCP_QMAX: tl.constexpr):
+    """max(amax, AMAX_EPS) / qmax, rounded as the reference on this device rounds it: torch divides by a
+    Python scalar exactly on the CPU but multiplies by its fp32 reciprocal on CUDA (RCP_QMAX > 0)."""
+    a = tl.maximum(amax, 1e-12)
+    if RCP_QMAX > 0:
+        return a * RCP_QMAX
+    else:
+        return tl.div_rn(a, tl.full(a.shape, QMAX, tl.float32))
+
+
+@triton.jit
 def _divide(x, scale, inv, EXACT_DIV: tl.constexpr):
     if EXACT_DIV:
         return tl.div_rn(x, scale)
@@ -87,8 +146,8 @@ def _divide(x, scale, inv, EXACT_DIV: tl.constexpr):
 @triton.jit
 def _act_quant_token_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk,
-    QMAX: tl.constexpr, IS_INT: tl.constexpr, FP8_MANUAL: tl.constexpr, EXACT_DIV: tl.constexpr,
-    BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+    QMAX: tl.constexpr, RCP_QMAX: tl.constexpr, IS_INT: tl.constexpr, FP8_MANUAL: tl.constexpr,
+    EXACT_DIV: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
 ):  # fmt: skip
     """One program per row of x [M, K] (any strides): scale [M] = max|row| / qmax, q [M, K] contiguous."""
     row = tl.program_id(0).to(tl.int64)
@@ -98,7 +157,7 @@ def _act_quant_token_kernel(
     if ONE_PASS:  # the whole row lives in registers: one read of x
         m = offs < K
         x = tl.load(x_row + offs * stride_xk, mask=m, other=0.0).to(tl.float32)
-        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x)), 1e-12), QMAX)
+        scale = _scale_of(tl.max(tl.abs(x)), QMAX, RCP_QMAX)
         inv = tl.div_rn(1.0, scale)
         tl.store(q_row + offs, _to_storage(_divide(x, scale, inv, EXACT_DIV), QMAX, IS_INT, FP8_MANUAL), mask=m)
     else:  # very wide rows: amax pass, then a quantize pass (the second read mostly hits L2)
@@ -107,7 +166,7 @@ def _act_quant_token_kernel(
             m = k0 + offs < K
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=m, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.div_rn(tl.maximum(tl.max(amax), 1e-12), QMAX)
+        scale = _scale_of(tl.max(amax), QMAX, RCP_QMAX)
         inv = tl.div_rn(1.0, scale)
         for k0 in range(0, K, BLOCK_K):
             m = k0 + offs < K
@@ -120,8 +179,8 @@ def _act_quant_token_kernel(
 @triton.jit
 def _act_quant_group_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk,
-    QMAX: tl.constexpr, IS_INT: tl.constexpr, FP8_MANUAL: tl.constexpr, EXACT_DIV: tl.constexpr,
-    GROUP: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+    QMAX: tl.constexpr, RCP_QMAX: tl.constexpr, IS_INT: tl.constexpr, FP8_MANUAL: tl.constexpr,
+    EXACT_DIV: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     """Grid (M, cdiv(K/GROUP, GROUPS_PER_PROGRAM)): a [GROUPS_PER_PROGRAM, GROUP] slab of one row of x;
     scale [M, K/GROUP] = max|group| / qmax. Each group is self-contained, so one read of x always."""
@@ -131,7 +190,7 @@ def _act_quant_group_kernel(
     col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     m = (g < n_groups)[:, None]
     x = tl.load(x_ptr + row * stride_xm + col * stride_xk, mask=m, other=0.0).to(tl.float32)
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), QMAX)
+    scale = _scale_of(tl.max(tl.abs(x), axis=1), QMAX, RCP_QMAX)
     inv = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
     q = _to_storage(_divide(x, scale[:, None], inv[:, None], EXACT_DIV), QMAX, IS_INT, FP8_MANUAL)
     tl.store(q_ptr + row * K + col, q, mask=m)
@@ -150,15 +209,15 @@ def act_quant(x: torch.Tensor, fmt, exact_div: bool | None = None) -> tuple[torc
     m, k = x.shape
     exact = INTERPRET if exact_div is None else exact_div
     q = empty((m, k), fmt.storage, x.device)
-    common = dict(QMAX=fmt.qmax, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact)
+    rcp = _rcp(fmt.qmax) if x.is_cuda else 0.0
     if fmt.act_granularity == "token":
         s = empty((m, 1), torch.float32, x.device)
         if m and k:
             block = min(triton.next_power_of_2(k), _MAX_ROW)
             warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-            _act_quant_token_kernel[(m,)](
-                x, q, s, k, x.stride(0), x.stride(1), BLOCK_K=block, ONE_PASS=k <= block, num_warps=warps, **common
-            )
+            launch(_act_quant_token_kernel, (m,), (x, q, s, k, x.stride(0), x.stride(1)),
+                   dict(QMAX=fmt.qmax, RCP_QMAX=rcp, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact,
+                        BLOCK_K=block, ONE_PASS=k <= block), warps)  # fmt: skip
         elif m:
             s.fill_(F.AMAX_EPS / fmt.qmax)
         return q, s
@@ -169,10 +228,9 @@ def act_quant(x: torch.Tensor, fmt, exact_div: bool | None = None) -> tuple[torc
     if m and groups:
         gpp = min(triton.next_power_of_2(groups), 32)
         warps = 4 if gpp <= 16 else 8
-        grid = (m, triton.cdiv(groups, gpp))
-        _act_quant_group_kernel[grid](
-            x, q, s, k, x.stride(0), x.stride(1), GROUP=F.BLOCK, GROUPS_PER_PROGRAM=gpp, num_warps=warps, **common
-        )
+        launch(_act_quant_group_kernel, (m, triton.cdiv(groups, gpp)), (x, q, s, k, x.stride(0), x.stride(1)),
+               dict(QMAX=fmt.qmax, RCP_QMAX=rcp, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact,
+                    GROUP=F.BLOCK, GROUPS_PER_PROGRAM=gpp), warps)  # fmt: skip
     return q, s
 
 
