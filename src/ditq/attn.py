@@ -146,7 +146,7 @@ def _int8_attention_op(
     cfg = tuple(config) if config else pick_config(padded_head_dim(q.shape[-1]), pv == "fp8", INTERPRET)
     return attention_fwd(
         q, k, v, sm_scale=sm_scale, pv_fp8=pv == "fp8", smooth_k=smooth_k, key_padding_mask=key_padding_mask,
-        window=window, config=cfg[:4], int_trick=bool(cfg[4]) if len(cfg) > 4 else True,
+        window=window, config=cfg,
     )
 
 

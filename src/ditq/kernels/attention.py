@@ -33,7 +33,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 INT8_MAX = 127.0
 FP8_MAX = 448.0
-AMAX_EPS = 1e-12  # same floor as ditq.formats.AMAX_EPS: an all-zero block still gets a positive scale
+AMAX_EPS = tl.constexpr(1e-12)  # same floor as ditq.formats.AMAX_EPS: an all-zero block still gets a positive scale
 WINDOW_NONE = 1 << 30  # "no limit" for the window's left / right reach (fits int32 after additions)
 
 # Round-half-even of fp32 |v| < 2^22 without libdevice (which the interpreter lacks): adding 1.5 * 2^23
@@ -199,6 +199,14 @@ def kv_prepass(k, v, block_n, smooth_k, pv_fp8):
 
 
 @triton.jit
+def _scores(qi, kq_base, start_n, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int32 Q.K^T of one key block: [BLOCK_M, BLOCK_N]."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = tl.load(kq_base + offs_n[:, None].to(tl.int64) * DP + tl.arange(0, DP)[None, :])
+    return tl.dot(qi, tl.trans(k), out_dtype=tl.int32)
+
+
+@triton.jit
 def _attn_step(
     acc, l_i, m_i, qi, c_row,
     start_n, kq_base, ks_base, v_base, s_vn, vt_base, NP, kpm_base,
@@ -207,12 +215,25 @@ def _attn_step(
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PV_FP8: tl.constexpr, INT_TRICK: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
-    """One key block: scores, online-softmax update, P.V. MASKED blocks check every (query, key) pair
-    against the window / causal band and the key count; the others skip that work."""
+    """One key block: scores, online-softmax update, P.V."""
+    qk = _scores(qi, kq_base, start_n, DP, BLOCK_N)
+    return _update(acc, l_i, m_i, qk, c_row, start_n, ks_base, v_base, s_vn, vt_base, NP, kpm_base, offs_m, NK,
+                   WL, WR, D, DP, BLOCK_N, MASKED, HAS_KPM, PV_FP8, INT_TRICK, F32_DOT)
+
+
+@triton.jit
+def _update(
+    acc, l_i, m_i, qk, c_row,
+    start_n, ks_base, v_base, s_vn, vt_base, NP, kpm_base,
+    offs_m, NK, WL, WR,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PV_FP8: tl.constexpr, INT_TRICK: tl.constexpr,
+    F32_DOT: tl.constexpr,
+):
+    """Online-softmax update and P.V for the scores ``qk`` of the key block at ``start_n``. MASKED blocks
+    check every (query, key) pair against the window / causal band and the key count; others skip it."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, DP)
-    k = tl.load(kq_base + offs_n[:, None].to(tl.int64) * DP + cols[None, :])
-    qk = tl.dot(qi, tl.trans(k), out_dtype=tl.int32)
     c = c_row * tl.load(ks_base + start_n // BLOCK_N)
     # P for the FP8 product is scaled by 448 (exp2 of +log2(448)) so it uses e4m3's whole range.
     if PV_FP8:
@@ -287,8 +308,14 @@ def _attn_fwd_kernel(
     qs = tl.maximum(tl.max(tl.abs(q), 1), AMAX_EPS) / 127.0
     qi = tl.minimum(tl.maximum(_round(q * (1.0 / qs)[:, None]), -127.0), 127.0).to(tl.int8)
     c_row = qs * qk_scale
-
     st = Stats + g.to(tl.int64) * 4 * DP
+    # lse's un-smoothing term now, so the f32 Q tile is dead before the loop (it would cost 64 registers)
+    if SMOOTH_K:
+        mu = tl.load(st + cols, mask=cmask, other=0.0) / NK
+        lse_fix = tl.sum(q * mu[None, :], 1) * sm_scale
+    else:
+        lse_fix = tl.zeros([BLOCK_M], tl.float32)
+
     kq_base = KQ + g.to(tl.int64) * NP * DP
     ks_base = KS + g.to(tl.int64) * (NP // BLOCK_N)
     v_base = V + b.to(tl.int64) * s_vb + (h // GROUP).to(tl.int64) * s_vh
@@ -341,22 +368,23 @@ def _attn_fwd_kernel(
         off = 8.807354922057604
     else:
         off = 0.0
-    lse = (m_i - off + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
-    if SMOOTH_K:
-        mu = tl.load(st + cols, mask=cmask, other=0.0) / NK
-        lse += tl.sum(q * mu[None, :], 1) * sm_scale
+    lse = (m_i - off + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453 + lse_fix
     lse = tl.where(empty, -float("inf"), lse)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    qmask = (offs_m < NQ)[:, None] & cmask[None, :]
     op = Out + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None].to(tl.int64) * s_on + cols[None, :]
     tl.store(op, out.to(Out.dtype.element_ty), mask=qmask)
     tl.store(Lse + bh.to(tl.int64) * NQ + offs_m, lse, mask=offs_m < NQ)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (padded head dim, pv is fp8); tuned on an H100 / H200
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (padded head dim, pv is fp8). One warpgroup per program
+# (4 warps, BLOCK_M 64) lets two programs share an SM and drift apart, so one's softmax overlaps the
+# other's tensor-core work; Triton 3.6 gives no such overlap inside one program.
 CONFIGS = {
-    (64, True): (128, 128, 8, 3),
-    (64, False): (128, 128, 8, 3),
-    (128, True): (128, 128, 8, 2),
-    (128, False): (128, 128, 8, 2),
+    (64, True): (64, 128, 4, 3),
+    (64, False): (64, 128, 4, 3),
+    (128, True): (64, 128, 4, 2),
+    (128, False): (64, 128, 4, 2),
     (256, True): (64, 64, 4, 2),
     (256, False): (64, 64, 4, 2),
 }
@@ -369,19 +397,21 @@ def pick_config(dp: int, pv_fp8: bool, interpret: bool):
     return CONFIGS[(max(dp, 64), pv_fp8)]
 
 
-def attention_fwd(q, k, v, *, sm_scale, pv_fp8, smooth_k, key_padding_mask, window, config, int_trick=True):
+def attention_fwd(q, k, v, *, sm_scale, pv_fp8, smooth_k, key_padding_mask, window, config):
     """Launch the pre-pass and the attention kernel.
 
     q: [B, H, NQ, D]; k, v: [B, H_kv, NK, D] strided views (head dim contiguous, H % H_kv == 0), bf16 or
     fp16 (all one dtype). key_padding_mask: int8/bool [B, NK] (nonzero = a real key) or None.
     window: (left, right) token reach, query i sees keys j with i - left <= j <= i + right, or None.
-    config: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, int_trick]): int_trick turns int32 scores into floats
+    by bit arithmetic instead of conversion instructions.
     Returns out [B, H, NQ, D] (a strided view of a tensor laid out like q's storage) and lse f32 [B, H, NQ].
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
     DP = padded_head_dim(D)
-    BM, BN, warps, stages = config
+    BM, BN, warps, stages = config[:4]
+    int_trick = bool(config[4]) if len(config) > 4 else True
     stats, kq, ks, vt = kv_prepass(k, v, BN, smooth_k, pv_fp8)
     NP = kq.shape[1]
     out = torch.empty_like(q)

@@ -1,0 +1,264 @@
+"""`ditq bench attention`: accuracy first (cosine, relative L1, RMSE against FP32 attention on inputs whose
+K carries a per-channel bias, as real DiT keys do), then TFLOP/s of SDPA's flash, cuDNN and
+memory-efficient backends, SageAttention when importable, and ditq (pv="fp8" and "bf16"), all in one run.
+TFLOP/s are counted as 4 * B * H * N^2 * D (half of it when causal). ``--tune`` also sweeps kernel
+configs (tile shapes, warps, stages) at a few shapes and reports the fastest per head dim and pv mode."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+
+import torch
+
+from ..errors import DitqError
+
+# (B, H, N, D, causal)
+SHAPES = [
+    (1, 24, 4608, 128, False),  # Flux 1024px
+    (1, 40, 32760, 128, False),  # Wan-14B 480p 81 frames
+    (2, 24, 4096, 64, False),
+    (2, 48, 17776, 64, False),  # CogVideoX-like
+    (1, 32, 16384, 128, False),
+    (1, 32, 16384, 128, True),
+]
+K_BIAS = 4.0  # std of K's per-channel bias, in units of the token-to-token std
+INPUTS = f"q, v ~ N(0, 1); k ~ N(0, 1) + b, b ~ N(0, {K_BIAS}^2) per channel shared by all tokens; bf16"
+
+# candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, int-trick) per (D, pv)
+TUNE = {
+    (128, "fp8"): [(64, 128, 4, 2, 1), (64, 128, 4, 3, 1), (64, 64, 4, 3, 1), (64, 64, 4, 4, 1), (128, 128, 8, 2, 1),
+                   (128, 64, 8, 3, 1), (64, 128, 4, 2, 0)],
+    (128, "bf16"): [(64, 128, 4, 2, 1), (64, 64, 4, 3, 1), (128, 128, 8, 2, 1), (128, 64, 8, 3, 1)],
+    (64, "fp8"): [(64, 128, 4, 3, 1), (64, 64, 4, 4, 1), (128, 128, 8, 3, 1), (128, 64, 8, 3, 1), (64, 128, 4, 2, 1)],
+    (64, "bf16"): [(64, 128, 4, 3, 1), (64, 64, 4, 3, 1), (128, 128, 8, 3, 1)],
+}
+TUNE_SHAPES = [(1, 24, 4608, 128, False), (1, 32, 16384, 128, False), (2, 24, 4096, 64, False)]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", metavar="F", help="write the results to this JSON file")
+    parser.add_argument("--tune", action="store_true", help="also sweep kernel configs (slower)")
+    parser.add_argument("--shapes", metavar="B,H,N,D[,c]", nargs="*", help="shapes to run instead of the defaults")
+    parser.add_argument("--rep", type=int, default=100, help="milliseconds of timed repetitions per variant")
+
+
+def _parse_shape(s: str):
+    parts = s.split(",")
+    B, H, N, D = (int(x) for x in parts[:4])
+    return B, H, N, D, len(parts) > 4 and parts[4].lower() in ("c", "causal", "1", "true")
+
+
+def make_inputs(B, H, N, D, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, H, N, D, device=device, generator=g)
+    k = torch.randn(B, H, N, D, device=device, generator=g)
+    k += K_BIAS * torch.randn(1, H, 1, D, device=device, generator=g)
+    v = torch.randn(B, H, N, D, device=device, generator=g)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    o, r = out.float().flatten(), ref.float().flatten()
+    return {
+        "cos": torch.nn.functional.cosine_similarity(o.double(), r.double(), dim=0).item(),
+        "rel_l1": ((o - r).abs().sum() / r.abs().sum()).item(),
+        "rmse": (o - r).pow(2).mean().sqrt().item(),
+    }
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def _variants():
+    from torch.nn.attention import SDPBackend
+
+    from ..attn import attention
+
+    v = {
+        "sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa-mem-efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION),
+    }
+    try:
+        from sageattention import sageattn
+
+        v["sageattention"] = lambda q, k, vv, c: sageattn(q, k, vv, tensor_layout="HND", is_causal=c)
+    except ImportError:
+        pass
+    v["ditq-fp8"] = lambda q, k, vv, c: attention(q, k, vv, causal=c, pv="fp8")
+    v["ditq-bf16"] = lambda q, k, vv, c: attention(q, k, vv, causal=c, pv="bf16")
+    return v
+
+
+def _bench(fn, rep):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median")
+
+
+def _reference(q, k, v, causal):
+    from ..attn import attention_ref
+
+    B, H, N, _ = q.shape
+    chunk = max(128, int(2**29 // (B * H * N)))  # ~2 GiB of f32 scores per chunk
+    out, _ = attention_ref(q, k, v, quantize=False, causal=causal, compute_dtype=torch.float32, chunk=chunk)
+    return out
+
+
+def run_shape(shape, variants, rep, log):
+    B, H, N, D, causal = shape
+    flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+    q, k, v = make_inputs(B, H, N, D, "cuda")
+    row = {"shape": [B, H, N, D], "causal": causal, "ms": {}, "tflops": {}, "accuracy": {}, "errors": {}}
+    ref = _reference(q, k, v, causal)
+    for name, fn in variants.items():
+        try:
+            out = fn(q, k, v, causal)
+            torch.cuda.synchronize()
+            if not torch.isfinite(out).all():
+                raise DitqError(f"{name}: non-finite output")
+            row["accuracy"][name] = accuracy(out, ref)
+            del out
+            ms = _bench(lambda: fn(q, k, v, causal), rep)
+        except Exception as e:  # a backend that cannot run this shape is reported, not fatal
+            row["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(f"  {name}: {row['errors'][name]}")
+            continue
+        row["ms"][name] = ms
+        row["tflops"][name] = flops / ms / 1e9
+    base = row["ms"].get("sdpa-cudnn")
+    row["vs_cudnn"] = {n: base / t for n, t in row["ms"].items()} if base else {}
+    sage = row["ms"].get("sageattention")
+    row["vs_sageattention"] = {n: sage / t for n, t in row["ms"].items() if n.startswith("ditq")} if sage else {}
+    # the K/V pre-pass alone, to see its share of ditq's time
+    from ..kernels.attention import kv_prepass, padded_head_dim, pick_config
+
+    bn = pick_config(padded_head_dim(D), True, False)[1]
+    try:
+        row["prepass_ms_fp8"] = _bench(lambda: kv_prepass(k, v, bn, True, True), rep)
+    except Exception as e:
+        row["errors"]["prepass"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    del q, k, v, ref
+    torch.cuda.empty_cache()
+    return row
+
+
+def tune(rep, log):
+    from ..attn import attention
+
+    results = []
+    for B, H, N, D, causal in TUNE_SHAPES:
+        q, k, v = make_inputs(B, H, N, D, "cuda")
+        flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+        for pv in ("fp8", "bf16"):
+            ref = None
+            for cfg in TUNE[(D, pv)]:
+                entry = {"shape": [B, H, N, D], "causal": causal, "pv": pv, "config": list(cfg)}
+                try:
+                    fn = lambda: attention(q, k, v, causal=causal, pv=pv, _config=cfg)  # noqa: E731
+                    out = fn()
+                    if ref is None:
+                        ref = out
+                    entry["cos_vs_first"] = accuracy(out, ref)["cos"]
+                    ms = _bench(fn, rep)
+                    entry["ms"], entry["tflops"] = ms, flops / ms / 1e9
+                except Exception as e:
+                    entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                log(f"  tune {entry}")
+                results.append(entry)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return results
+
+
+def kernel_report() -> list:
+    """Registers, spills, shared memory and which tensor-core instructions each compiled attention kernel
+    uses (wgmma on s8 for Q.K^T, on e4m3 for P.V), read from Triton's cache of compiled kernels."""
+    from ..kernels.attention import _attn_fwd_kernel
+
+    report = []
+    try:
+        for kernel_cache, *_ in _attn_fwd_kernel.device_caches.values():
+            for k in kernel_cache.values():
+                k._init_handles()
+                ptx = k.asm.get("ptx", "")
+                c = k.metadata
+                report.append({
+                    "num_warps": c.num_warps, "num_stages": c.num_stages, "regs": k.n_regs, "spills": k.n_spills,
+                    "shared": c.shared, "wgmma_s8": "wgmma.mma_async" in ptx and ".s8" in ptx,
+                    "wgmma_e4m3": "wgmma.mma_async" in ptx and "e4m3" in ptx, "mma_sync": "mma.sync" in ptx,
+                    "name": c.name,
+                })
+    except Exception as e:  # diagnostics only
+        report.append({"error": f"{type(e).__name__}: {e}"})
+    return report
+
+
+def _table(rows) -> str:
+    names = []
+    for r in rows:
+        names += [n for n in r["tflops"] if n not in names]
+    lines = ["| shape (B, H, N, D) | " + " | ".join(names) + " | ditq-fp8 / cuDNN | ditq-bf16 / cuDNN |"]
+    lines.append("| --- " * (len(names) + 3) + "|")
+    for r in rows:
+        shape = "(" + ", ".join(map(str, r["shape"])) + ")" + (" causal" if r["causal"] else "")
+        cells = []
+        for n in names:
+            if n in r["tflops"]:
+                acc = r["accuracy"].get(n)
+                cells.append(f"{r['tflops'][n]:.0f}" + (f" (cos {acc['cos']:.5f})" if acc else ""))
+            else:
+                cells.append("-")
+        ratios = [f"{r['vs_cudnn'][n]:.2f}x" if n in r["vs_cudnn"] else "-" for n in ("ditq-fp8", "ditq-bf16")]
+        lines.append(f"| {shape} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        raise DitqError("bench attention needs a CUDA GPU (none visible); run it on an H100 / H200")
+    import triton
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    shapes = [_parse_shape(s) for s in args.shapes] if args.shapes else SHAPES
+    result = {
+        "suite": "attention",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": INPUTS,
+        "reference": "FP32 attention (torch, chunked over queries)",
+        "flops": "4*B*H*N*N*D, half when causal",
+        "results": [],
+    }
+    log(f"device: {result['device']}")
+    if args.tune:
+        result["tune"] = tune(args.rep, log)
+        result["kernels"] = kernel_report()
+        for k in result["kernels"]:
+            log(f"  kernel {k}")
+    variants = _variants()
+    for shape in shapes:
+        log(f"shape {shape}")
+        row = run_shape(shape, variants, args.rep, log)
+        log(f"  {json.dumps({k: row[k] for k in ('tflops', 'vs_cudnn')})}")
+        result["results"].append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}; TFLOP/s (cosine vs FP32)")
+    print(_table(result["results"]))
+    return 0
+
