@@ -320,16 +320,16 @@ def time_forward(fn, device, warmup: int, reps: int) -> list[float]:
     return times
 
 
-def forward_peak(fn, device) -> float:
-    """Bytes the allocator held above its level before the call, at the call's peak (GPU only)."""
+def forward_peak(fn, device):
+    """(output, bytes the allocator held above its level before the call at the call's peak; GPU only)."""
     if torch.device(device).type != "cuda":
-        return float("nan")
+        return fn(), float("nan")
     _sync(device)
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    fn()
+    y = fn()
     _sync(device)
-    return torch.cuda.max_memory_allocated() - base
+    return y, torch.cuda.max_memory_allocated() - base
 
 
 def compare(y: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -493,8 +493,8 @@ def _run_arch(run: _Run, name: str) -> None:
 
     def measure(variant, mode, report=None, compile_s=None):
         times = time_forward(call, dev, warmup, reps)
-        peak = forward_peak(call, dev)
-        y = call().float()
+        y, peak = forward_peak(call, dev)
+        y = y.float()
         wbytes = model_bytes(model)
         r = {"variant": variant, "mode": mode, "median_ms": statistics.median(times), "times_ms": times,
              "weight_gb": wbytes / GB, "forward_peak_gb": (wbytes + peak) / GB, "workspace_gb": peak / GB}
@@ -530,6 +530,10 @@ def _run_arch(run: _Run, name: str) -> None:
                 break
             try:
                 with quantized(model, fmt) as report:
+                    same = [r for r in results if r.get("quantized_layers") == len(report.quantized) and fmt.startswith(r["variant"])]
+                    if same:  # e.g. "+mod" on a model without modulation linears: nothing new to measure
+                        print(f"  {fmt}: same layers as {same[0]['variant']}, skipped")
+                        continue
                     r, y = measure(fmt, "eager", report)
                     finish(r, y)
             except Exception as e:  # keep the other variants' numbers
