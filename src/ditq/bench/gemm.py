@@ -33,7 +33,7 @@ BOUND = {True: 0.025, False: 0.06}  # issue 2: relative error of linear vs float
 
 
 def candidates(fmt: str, m: int):
-    """The configurations ``--tune`` tries (see bench/NOTES.md for why these)."""
+    """The configurations ``--tune`` tries (bench/NOTES.md says which won where, and why these)."""
     from ..kernels.gemm import Config as C
 
     f = F.get_format(fmt)
@@ -43,20 +43,19 @@ def candidates(fmt: str, m: int):
             C(128, 128, 128, 8, 8, 3, tma=True, dot2=True),
             C(64, 128, 128, 8, 4, 4, tma=True),
             C(64, 128, 128, 8, 4, 3, tma=True),
+            C(64, 128, 128, 8, 4, 2, tma=True),
             C(64, 128, 128, 8, 4, 4, tma=False),
-            C(128, 128, 128, 8, 8, 3, tma=True, persistent=True),
-            C(64, 128, 128, 8, 4, 3, tma=True, persistent=True),
+            C(128, 128, 128, 8, 8, 2, tma=True, maxnreg=128),
         ]
         if f.is_int:
-            cs += [C(64, 128, 128, 8, 4, 4, tma=True, magic_i2f=True),
-                   C(128, 128, 128, 8, 8, 3, tma=False, dot2=True, magic_i2f=True)]  # fmt: skip
+            cs.append(C(64, 128, 128, 8, 4, 3, tma=True, magic_i2f=True))
         return cs
     cs = [
         C(128, 256, 128, 8, 8, 3),
         C(128, 256, 128, 8, 8, 4),
         C(256, 128, 128, 8, 8, 3),
         C(128, 128, 128, 8, 4, 4),
-        C(64, 256, 128, 8, 4, 4),
+        C(128, 128, 128, 8, 8, 4),
         C(64, 128, 128, 8, 4, 4),
         C(128, 256, 128, 8, 8, 3, persistent=True),
         C(256, 128, 128, 8, 8, 3, persistent=True),
@@ -79,6 +78,23 @@ def add_arguments(p) -> None:
 def _geomean(v):
     v = [x for x in v if x and x > 0]
     return math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
+
+
+def _graph_ms(fn, bench) -> float:
+    """Time of ``fn`` replayed from a CUDA graph: the GPU time with the host's launch cost taken out."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    try:
+        return bench(g.replay)
+    finally:
+        g.reset()
 
 
 def _copy_bandwidth(bench) -> float:
@@ -244,20 +260,24 @@ def main(args) -> int:
             )
         except RuntimeError as e:
             print(f"  torch._scaled_mm {m}x{n}x{k}: {e}")
+        row["graph_ms"] = {"bf16": _graph_ms(lambda: torch.nn.functional.linear(x, w, bias), bench)}
         for fmt in fmts:
             wq, ws = wqs[fmt]
             row["ms"][fmt] = bench(lambda: ops.linear(x, wq, ws, fmt, bias))
+            row["graph_ms"][fmt] = _graph_ms(lambda: ops.linear(x, wq, ws, fmt, bias), bench)
             xq, xs = ops.act_quant(x, fmt)
             row["gemm_ms"][fmt] = bench(lambda: ops.scaled_mm(xq, xs, wq, ws, fmt, bias, torch.bfloat16))
             row.setdefault("config", {})[fmt] = CF.get_config(fmt, m, n, k).as_list()
         row["bf16_TFLOPs"] = flops / row["ms"]["bf16"] / 1e9
         row["ratio"] = {v: row["ms"]["bf16"] / t for v, t in row["ms"].items()}
         row["gemm_ratio"] = {v: row["ms"]["bf16"] / t for v, t in row["gemm_ms"].items()}
+        row["graph_ratio"] = {v: row["graph_ms"]["bf16"] / t for v, t in row["graph_ms"].items()}
         report["shapes"].append(row)
         r = row["ratio"]
         print(f"{tag:8s} {m:6d} {n:6d} {k:6d} bf16 {row['bf16_TFLOPs']:5.0f} TF/s | "
               + " ".join(f"{v}={r[v]:.2f}" for v in r if v != "bf16")
-              + " | gemm-only " + " ".join(f"{v}={t:.2f}" for v, t in row["gemm_ratio"].items()), flush=True)  # fmt: skip
+              + " | gemm-only " + " ".join(f"{v}={t:.2f}" for v, t in row["gemm_ratio"].items())
+              + " | graph " + " ".join(f"{v}={t:.2f}" for v, t in row["graph_ratio"].items()), flush=True)  # fmt: skip
         del x, w, ref_bf16, wqs
 
     # ---- activation quantization alone vs the copy bandwidth
@@ -323,6 +343,17 @@ def main(args) -> int:
               + " | ".join(f"{r['ratio'][c]:.2f}x" if c in r["ratio"] else "-" for c in cols) + " |")  # fmt: skip
     print("| geomean M>=4096 | | | | " + " | ".join(f"{report['geomean_M_ge_4096'][c]:.2f}x" for c in cols) + " |")
     print("| min at M=1024 | | | | " + " | ".join(f"{report['min_M_1024'][c]:.2f}x" for c in cols) + " |")
+    report["graph_geomean_M_ge_4096"] = {c: _geomean([r["graph_ratio"].get(c) for r in big]) for c in fmts}
+    report["graph_min_M_1024"] = {c: min(r["graph_ratio"][c] for r in report["shapes"] if r["M"] == 1024)
+                                  for c in fmts if any(r["M"] == 1024 for r in report["shapes"])}  # fmt: skip
+    print(f"\n# same, both sides replayed from CUDA graphs (GPU time, no host launch cost)")
+    print("| M | N | K | " + " | ".join(fmts) + " |")
+    print("|---" * (3 + len(fmts)) + "|")
+    for r in report["shapes"]:
+        print(f"| {r['M']} | {r['N']} | {r['K']} | " + " | ".join(f"{r['graph_ratio'][c]:.2f}x" for c in fmts) + " |")
+    print("| geomean M>=4096 | | | " + " | ".join(f"{report['graph_geomean_M_ge_4096'][c]:.2f}x" for c in fmts) + " |")
+    if report["graph_min_M_1024"]:
+        print("| min at M=1024 | | | " + " | ".join(f"{report['graph_min_M_1024'][c]:.2f}x" for c in fmts) + " |")
     report["failures"] = failures
     if args.tune and args.configs_out:
         with open(args.configs_out, "w") as fh:

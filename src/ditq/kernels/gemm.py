@@ -29,9 +29,11 @@ from . import quant as _quant
 from .quant import cast_rne
 
 try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (TMA support in this triton)
+
+    HAS_TMA = True
 except ImportError:  # pragma: no cover - older triton: pointer loads only
-    TensorDescriptor = None
+    HAS_TMA = False
 
 
 last_compiled = None
@@ -254,7 +256,7 @@ def _num_sms(device: torch.device) -> int:
 def _tma_ok(t: torch.Tensor) -> bool:
     """TMA needs a unit inner stride and 16-byte aligned base and row stride."""
     return (
-        TensorDescriptor is not None
+        HAS_TMA
         and t.stride(1) == 1
         and (t.stride(0) * t.element_size()) % 16 == 0
         and t.data_ptr() % 16 == 0
@@ -322,23 +324,38 @@ def scaled_mm(
     common = dict(IS_INT=fmt.is_int, BLOCK_SCALED=fmt.is_block, W_SCALE_ROW=fmt.weight_granularity == "row",
                   HAS_BIAS=bias is not None)  # fmt: skip
     tiles = triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n)
+    xss = x_scale.stride()
+    # what Triton specializes on, for the launch cache (M is not specialized; out is a fresh allocation)
+    key = (out_dtype, x_scale.dtype, w_scale.dtype, None if bias is None else bias.dtype,
+           xq.data_ptr() & 15, wq.data_ptr() & 15, x_scale.data_ptr() & 15, w_scale.data_ptr() & 15,
+           0 if bias is None else bias.data_ptr() & 15, n, k, xq.stride(), wq.stride(), xss, ws_stride)  # fmt: skip
+    global last_compiled
     if use_tma:
-        x_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [c.block_m, c.block_k])
-        w_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [c.block_n, c.block_k])
+        x_desc = _quant.Tma(xq, (c.block_m, c.block_k))
+        w_desc = _quant.Tma(wq, (c.block_n, c.block_k))
     else:
         x_desc = w_desc = None
-    global last_compiled
     if use_tma and c.persistent:
         programs = min(tiles, _num_sms(xq.device))
-        args = (x_desc, w_desc, x_scale, w_scale, bias, out, m, n, k, out.stride(0),
-                x_scale.stride(0), x_scale.stride(1), ws_stride[0], ws_stride[1])  # fmt: skip
+        args = (x_desc, w_desc, x_scale, w_scale, bias, out, m, n, k, out.stride(0), xss[0], xss[1],
+                ws_stride[0], ws_stride[1])  # fmt: skip
         last_compiled = _quant.launch(
             _scaled_mm_persistent_kernel, (programs,), args,
             dict(**common, MAGIC_I2F=c.magic_i2f, MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
                  BLOCK_K=c.block_k, GROUP_M=c.group_m, NUM_PROGRAMS=programs),
-            c.num_warps, c.num_stages, **opts,
+            c.num_warps, c.num_stages, key=key, **opts,
         )  # fmt: skip
         return out
+    args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, m, n, k,
+            xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
+            xss[0], xss[1], ws_stride[0], ws_stride[1])  # fmt: skip
+    last_compiled = _quant.launch(
+        _scaled_mm_kernel, (tiles,), args,
+        dict(**common, USE_TMA=use_tma, EVEN_K=k % c.block_k == 0, DOT2=c.dot2, MAGIC_I2F=c.magic_i2f,
+             MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m),
+        c.num_warps, c.num_stages, key=key, **opts,
+    )  # fmt: skip
+    return out
     args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, m, n, k,
             xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
             x_scale.stride(0), x_scale.stride(1), ws_stride[0], ws_stride[1])  # fmt: skip

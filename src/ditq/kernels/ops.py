@@ -38,12 +38,20 @@ def _fmt(fmt) -> F.Format:
 
 def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
     k = x.shape[-1]
-    if wq.dim() != 2 or wq.shape[1] != k:
-        raise ShapeError(f"linear: x has K={k} (shape {tuple(x.shape)}) but the weight has shape {tuple(wq.shape)}")
+    if wq.dim() != 2 or wq.shape[1] != k or wq.dtype != fmt.storage:
+        raise ShapeError(
+            f"linear: x has K={k} (shape {tuple(x.shape)}) but the {fmt.name} weight is {wq.dtype} {tuple(wq.shape)}"
+        )
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, k)  # act_quant reads any strides, so no copy for 2-D views
     xq, xs = _quant.act_quant(x2, fmt)
-    y = _gemm.scaled_mm(xq, xs, wq, w_scale, fmt, bias, out_dtype or x.dtype)
+    if bias is not None and bias.shape != (wq.shape[0],):
+        raise ShapeError(f"linear: bias has shape {tuple(bias.shape)}, expected ({wq.shape[0]},)")
+    n = wq.shape[0]
+    if (w_scale.shape != fmt.weight_scale_shape(n, k) if fmt.is_block else w_scale.numel() != (1 if fmt.weight_granularity == "tensor" else n)):
+        raise ShapeError(f"linear {fmt.name}: weight {tuple(wq.shape)} does not go with a scale of shape {tuple(w_scale.shape)}")
+    # the activation side was made here, so only the weight side above needed checking
+    y = _gemm.scaled_mm(xq, xs, wq, w_scale, fmt, bias, out_dtype or x.dtype, check=False)
     return y if x.dim() == 2 else y.reshape(*lead, wq.shape[0])
 
 

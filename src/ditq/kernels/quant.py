@@ -38,40 +38,103 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+class Tma:
+    """A TMA operand of a kernel launch: ``tensor`` (2-D, unit inner stride) seen in ``block`` boxes. Turned
+    into Triton's TensorDescriptor for the first (compiling) launch; later launches reuse encoded maps."""
+
+    __slots__ = ("t", "block")
+
+    def __init__(self, t: torch.Tensor, block: tuple):
+        self.t, self.block = t, block
+
+    def descriptor(self):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        return TensorDescriptor(self.t, list(self.t.shape), list(self.t.stride()), list(self.block))
+
+
+class _Compiled:
+    """A compiled kernel plus what launching it without Triton's per-call Python needs."""
+
+    __slots__ = ("ck", "raw", "metas", "descs", "launcher")
+
+    def __init__(self, ck, args):
+        self.ck, self.raw, self.metas = ck, None, None
+        self.descs = [i for i, a in enumerate(args) if a.__class__ is Tma]
+        try:  # the C launch function under Triton's launcher, when nothing else needs doing per call
+            launcher = ck.run
+            fn = launcher.launch
+            if launcher.global_scratch_size or launcher.profile_scratch_size:
+                return
+            if self.descs:  # Triton wraps it to encode descriptors: take the wrapped builtin
+                cells = [c.cell_contents for c in (fn.__closure__ or ())]
+                fn = next(c for c in cells if type(c).__name__ == "builtin_function_or_method")
+                self.metas = getattr(ck.metadata, "tensordesc_meta", None) or [None] * len(self.descs)
+            self.launcher, self.raw = launcher, fn
+        except Exception:  # another triton layout: the regular launch path stays
+            self.raw = None
+
+
 _COMPILED: dict = {}
+_TMA_MAPS: dict = {}
 
 
-def _spec(a):
-    """What Triton specializes a kernel argument on: dtype and 16-byte alignment of tensors, divisibility
-    by 16 and equality to 1 of integers, dtype and box of tensor descriptors."""
-    if a.__class__ is int:
-        return (a & 15 == 0, a == 1)
-    if a.__class__ is torch.Tensor:
-        return (a.dtype, a.data_ptr() & 15 == 0)
-    if a is None or a.__class__ is float:
-        return a.__class__
-    return (a.base.dtype, tuple(a.block_shape), a.padding)  # TensorDescriptor
+def _encoded(entry: _Compiled, j: int, a: Tma) -> list:
+    """Expanded launcher arguments of TMA operand j (encoded map, shape, strides), cached: a map depends only
+    on address, shape, strides, dtype and box, so a cached one is valid for any tensor that matches them."""
+    t = a.t
+    key = (id(entry), j, t.data_ptr(), t.shape, t.stride(), t.dtype)
+    got = _TMA_MAPS.get(key)
+    if got is None:
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+
+        if len(_TMA_MAPS) > 4096:
+            _TMA_MAPS.clear()
+        got = _TMA_MAPS[key] = make_tensordesc_arg(a.descriptor(), entry.metas[j])
+    return got
 
 
-def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int = 1, **options):
-    """``kernel[grid](*args, **constexprs, ...)`` without the JIT's per-call binding: the first launch of
-    each specialization goes through Triton (compiles, caches); later ones call the compiled kernel's
-    launcher directly, which cuts the host time of a launch several-fold (small GEMMs are launch-bound).
+def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int = 1, key=None, **options):
+    """``kernel[grid](*args, **constexprs, ...)`` at a fraction of the host time. The first launch of each
+    specialization goes through Triton (compiles, caches); later ones call the C launcher directly, with
+    cached TMA maps. ``key`` must capture what Triton specializes on (dtypes and 16-byte alignment of
+    tensors, integers' divisibility by 16 and equality to 1); without it every argument is inspected.
     ``constexprs`` must follow the kernel's parameter order (checked at the first launch)."""
     if INTERPRET:
+        args = tuple(a.descriptor() if a.__class__ is Tma else a for a in args)
         return kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
     dev = torch.cuda.current_device()
-    key = (kernel, dev, num_warps, num_stages, tuple(options.items()), tuple(constexprs.values()),
-           tuple([_spec(a) for a in args]))  # fmt: skip
-    ck = _COMPILED.get(key)
-    if ck is None:
+    if key is None:
+        key = tuple([_spec(a) for a in args])
+    key = (kernel, dev, num_warps, num_stages, tuple(options.items()), tuple(constexprs.values()), key)
+    entry = _COMPILED.get(key)
+    stream = torch._C._cuda_getCurrentRawStream(dev)
+    if entry is not None and entry.raw is not None and triton.knobs.runtime.launch_enter_hook is None:
+        flat = []
+        j = 0
+        for a in args:
+            if a.__class__ is Tma:
+                flat.extend(_encoded(entry, j, a))
+                j += 1
+            else:
+                flat.append(a)
+        g = entry.launcher
+        try:
+            entry.raw(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                      entry.ck.function, g.launch_cooperative_grid, g.launch_pdl, None, None,
+                      entry.ck.packed_metadata, None, None, None, *flat, *constexprs.values())  # fmt: skip
+            return entry.ck
+        except (TypeError, ValueError, SystemError):  # an argument layout this triton does not take
+            entry.raw = None
+    full = tuple(a.descriptor() if a.__class__ is Tma else a for a in args)
+    if entry is None:
         names = kernel.arg_names[len(args) :]
         assert list(constexprs) == names, f"launch({kernel.fn.__name__}): constexprs must be given in order {names}"
-        ck = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
-        _COMPILED[key] = ck
+        ck = kernel[grid](*full, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
+        _COMPILED[key] = _Compiled(ck, args)
         return ck
-    full = (*args, *constexprs.values())
-    stream = torch._C._cuda_getCurrentRawStream(dev)
+    ck = entry.ck
+    full = (*full, *constexprs.values())
     enter = triton.knobs.runtime.launch_enter_hook
     meta = ck.launch_metadata(grid, stream, *full) if enter is not None else None
     ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, ck.function,
@@ -215,9 +278,11 @@ def act_quant(x: torch.Tensor, fmt, exact_div: bool | None = None) -> tuple[torc
         if m and k:
             block = min(triton.next_power_of_2(k), _MAX_ROW)
             warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-            launch(_act_quant_token_kernel, (m,), (x, q, s, k, x.stride(0), x.stride(1)),
+            sm, sk = x.stride()
+            launch(_act_quant_token_kernel, (m,), (x, q, s, k, sm, sk),
                    dict(QMAX=fmt.qmax, RCP_QMAX=rcp, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact,
-                        BLOCK_K=block, ONE_PASS=k <= block), warps)  # fmt: skip
+                        BLOCK_K=block, ONE_PASS=k <= block), warps,
+                   key=(x.dtype, x.data_ptr() & 15, k & 15, k == 1, sm & 15, sm == 1, sk & 15, sk == 1))  # fmt: skip
         elif m:
             s.fill_(F.AMAX_EPS / fmt.qmax)
         return q, s
@@ -228,9 +293,11 @@ def act_quant(x: torch.Tensor, fmt, exact_div: bool | None = None) -> tuple[torc
     if m and groups:
         gpp = min(triton.next_power_of_2(groups), 32)
         warps = 4 if gpp <= 16 else 8
-        launch(_act_quant_group_kernel, (m, triton.cdiv(groups, gpp)), (x, q, s, k, x.stride(0), x.stride(1)),
+        sm, sk = x.stride()
+        launch(_act_quant_group_kernel, (m, triton.cdiv(groups, gpp)), (x, q, s, k, sm, sk),
                dict(QMAX=fmt.qmax, RCP_QMAX=rcp, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact,
-                    GROUP=F.BLOCK, GROUPS_PER_PROGRAM=gpp), warps)  # fmt: skip
+                    GROUP=F.BLOCK, GROUPS_PER_PROGRAM=gpp), warps,
+               key=(x.dtype, x.data_ptr() & 15, k & 15, sm & 15, sm == 1, sk & 15, sk == 1))  # fmt: skip
     return q, s
 
 
