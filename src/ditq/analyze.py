@@ -25,9 +25,10 @@ from . import formats as F
 from .checkpoint import layout as L
 from .checkpoint.io import open_checkpoint
 from .checkpoint.policy import PRESETS, Policy, outlier_ratio
-from .convert.convert import _num, _size, resolve_device, weight_error, write_json
+from .convert.convert import _num, _size, count_nonfinite, resolve_device, weight_error, write_json
 from .errors import DitqError
-from .tensor import QuantizedTensor, quantize_weight
+from .kernels import ops
+from .tensor import QuantizedTensor
 
 # Eager GEMM speed on Hopper, fastest first (shared/TERRAIN.md: fp8 rowwise ~1.6x bf16, int8 with scales in
 # the epilogue ~1.5x, block-scaled formats below 1x until their kernels improve).
@@ -148,7 +149,8 @@ def analyze_checkpoint(src, *, formats=None, format: str = "int8-row", preset: s
         dtype = L.default_dtype(layout)
         gen = ((e, L.load(ckpt, e, dtype)) for e in candidates)
         for e, w in L.prefetch(gen, 2):
-            rep.layers.append(_analyze_one(e, w.to(dev), fmts, pol, max_error))
+            # float32 once: every format's quantizer and error would convert it again (exact for bf16/fp16)
+            rep.layers.append(_analyze_one(e, w.to(dev, torch.float32), fmts, pol, max_error))
             if bar is not None:
                 bar.update(e.nbytes)
         if bar is not None:
@@ -161,21 +163,22 @@ def analyze_checkpoint(src, *, formats=None, format: str = "int8-row", preset: s
 def _analyze_one(e: L.Entry, w: torch.Tensor, fmts, pol: Policy, max_error: float) -> LayerAnalysis:
     n, k = e.shape
     errors: dict[str, float | None] = {}
-    finite = bool(torch.isfinite(w).all())
+    finite = count_nonfinite(w) == 0
     for f in fmts:
         fmt = F.get_format(f)
         if not _applies(fmt, e.shape) or not finite:
             errors[f] = None
             continue
-        qt: QuantizedTensor = quantize_weight(w, f, name=e.key)
-        errors[f] = weight_error(qt, w)
-        del qt
+        # round to nearest through the kernels; shape and finiteness were checked once above
+        q, s = ops.quant_weight(w, fmt.name)
+        errors[f] = weight_error(QuantizedTensor(q, s, fmt.name, w.dtype), w)
+        del q, s
     outliers = {}
     if finite:
         outliers = {"tensor": outlier_ratio(w, "fp8-tensor"), "row": outlier_ratio(w, "int8-row")}
         if n % F.BLOCK == 0 and k % F.BLOCK == 0:
             outliers["block"] = outlier_ratio(w, "int8-block")
-    d = pol.decide(e.key, e.shape, w.dtype)
+    d = pol.decide(e.key, e.shape, torch.bfloat16 if e.partial_blocks else e.dtype)
     rec = recommend(errors, max_error) if d.quantize else "keep"
     if not finite:
         rec, d.reason = "keep", "holds NaN/Inf"

@@ -354,6 +354,14 @@ def _record(e: L.Entry, action: str, out: str, reason: str, bytes_out: int, **kw
     )
 
 
+def count_nonfinite(w: torch.Tensor) -> int:
+    """Number of NaN/Inf values. A float32 sum propagates any of them, so the exact (slower) count runs
+    only when the sum is not finite (a NaN/Inf, or finite values whose sum overflows)."""
+    if bool(torch.isfinite(w.sum(dtype=torch.float32))):
+        return 0
+    return int((~torch.isfinite(w)).sum())
+
+
 def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfinite, max_ratio, measure_error, quantizer):
     layer = L.layer_of(e.key)
     if d.action == "copy":
@@ -367,8 +375,8 @@ def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfini
     if d.action == "quantize":
         w = value.to(dev, non_blocking=True) if dev.type != "cpu" else value
         ratio = None
-        if not bool(torch.isfinite(w).all()):
-            bad = int((~torch.isfinite(w)).sum())
+        bad = count_nonfinite(w)
+        if bad:
             if not keep_nonfinite:
                 raise NonFiniteError(
                     f"{ckpt.info(e.sources[0]).file}: tensor {e.key!r} ({list(e.shape)}) holds {bad} NaN/Inf value(s); "
@@ -405,24 +413,23 @@ def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfini
 
 
 def weight_error(qt: QuantizedTensor, w: torch.Tensor) -> float:
-    """||dequantize(qt) - w|| / ||w||, in float64 sums over row chunks (see ``weight_error_stats``)."""
-    return weight_error_stats(qt, w)[0]
+    """||dequantize(qt) - w|| / ||w|| of a weight w [N, K] (float64 norms over row chunks)."""
+    num = den = 0.0
+    for q, s, ref in _row_chunks(qt, w):
+        diff = F.dequantize_ref(q, s, qt.format, torch.float32) - ref.float()
+        num += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
+        den += float(torch.linalg.vector_norm(ref, dtype=torch.float64)) ** 2
+    return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
-def weight_error_stats(qt: QuantizedTensor, w: torch.Tensor, chunk_elements: int = 1 << 20) -> tuple[float, float]:
-    """(relative L2 error, largest error in units of the format's step) of a quantized weight against the
-    float weight w [N, K], computed over row chunks so that memory stays a fraction of the weight's.
-
-    The step of an element is its scale for int8 and the e4m3 spacing at |w / scale| (times the scale) for
-    fp8, so round-to-nearest gives at most 0.5 and any rounding to a neighbour at most 1. Dequantization
-    is ComfyUI's (``formats.dequantize_ref`` in float32)."""
+def _row_chunks(qt: QuantizedTensor, w: torch.Tensor, chunk_elements: int = 1 << 20):
+    """(qdata, scale, w) for row chunks of about ``chunk_elements`` (whole 128-row blocks for block formats),
+    so that temporaries stay a fraction of the weight."""
     fmt = F.get_format(qt.format)
     n, k = w.shape
     step = max(1, chunk_elements // max(k, 1))
     if fmt.is_block:
         step = max(F.BLOCK, step // F.BLOCK * F.BLOCK)
-    num = den = 0.0
-    worst = 0.0
     for i in range(0, n, step):
         j = min(n, i + step)
         if qt.scale.dim() == 0:
@@ -431,16 +438,28 @@ def weight_error_stats(qt: QuantizedTensor, w: torch.Tensor, chunk_elements: int
             s = qt.scale[i // F.BLOCK: -(-j // F.BLOCK)]
         else:
             s = qt.scale[i:j]
-        ref = w[i:j].double()
-        s_full = F.broadcast_weight_scale(s, fmt, j - i, k).double()
-        diff = F.dequantize_ref(qt.qdata[i:j], s, fmt, torch.float32).double() - ref
+        yield qt.qdata[i:j], s, w[i:j]
+
+
+def weight_error_stats(qt: QuantizedTensor, w: torch.Tensor) -> tuple[float, float]:
+    """(relative L2 error, largest error in units of the format's step) of a quantized weight against the
+    float weight w [N, K], in float64 over row chunks.
+
+    The step of an element is its scale for int8 and the e4m3 spacing at |w / scale| (times the scale) for
+    fp8, so round-to-nearest gives at most 0.5 and any rounding to a neighbour at most 1. Dequantization
+    is ComfyUI's (``formats.dequantize_ref`` in float32)."""
+    fmt = F.get_format(qt.format)
+    num = den = worst = 0.0
+    for q, s, ref in _row_chunks(qt, w):
+        ref = ref.double()
+        unit = F.broadcast_weight_scale(s, fmt, *ref.shape).double()
+        diff = F.dequantize_ref(q, s, fmt, torch.float32).double() - ref
         num += float(diff.square().sum())
         den += float(ref.square().sum())
-        unit = s_full
         if not fmt.is_int:  # e4m3fn: 3 mantissa bits, normals from 2^-6, subnormal spacing 2^-9
-            e = torch.floor(torch.log2((ref / s_full).abs().clamp(min=2.0**-6)))
-            unit = s_full * torch.exp2(e - 3)
-        worst = max(worst, float((diff.abs() / unit).max())) if diff.numel() else worst
+            unit = unit * torch.exp2(torch.floor(torch.log2((ref / unit).abs().clamp(min=2.0**-6))) - 3)
+        if diff.numel():
+            worst = max(worst, float((diff.abs() / unit).max()))
     rel = (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
     return rel, worst
 
