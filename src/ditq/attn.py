@@ -201,7 +201,7 @@ def attention_ref(
         qd, kd = qf, kc
     if pv == "fp8" and quantize:
         nu = vf.mean(2, keepdim=True)
-        vs = (vf - nu).abs().amax(2, keepdim=True).clamp(min=1e-12) / 448
+        vs = (vf.abs().amax(2, keepdim=True) + nu.abs()).clamp(min=1e-12) / 448  # bounds max |v - nu|
         vd = ((vf - nu) / vs).clamp(-448, 448).to(torch.float8_e4m3fn).to(cd)
     else:
         vd = vf

@@ -27,7 +27,15 @@ def poison(monkeypatch):
     monkeypatch.setattr(K, "POISON", True)
 
 
-def make_qkv(B, H, HK, NQ, NK, D, dtype=torch.bfloat16, layout="HND", device="cpu", k_bias=4.0):
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def block_n(D, pv):
+    """BLOCK_N the wrapper picks (the K scale block), for the reference's emulation."""
+    return K.pick_config(K.padded_head_dim(D), pv == "fp8", K.INTERPRET)[1]
+
+
+def make_qkv(B, H, HK, NQ, NK, D, dtype=torch.bfloat16, layout="HND", device=DEVICE, k_bias=4.0):
     """q, k, v ~ N(0, 1); K carries a per-channel bias shared by all tokens (as real DiT keys do), V a small
     one. Scores are sharpened (x2) so the softmax is not uniform."""
     q = 2 * torch.randn(B, H, NQ, D)
@@ -76,7 +84,7 @@ def test_matches_float64(pv, dtype, layout, shape, fresh_seed):
     assert cos >= min_cos and rel <= max_rel, f"seed {fresh_seed}: cos {cos:.6f} rel L1 {rel:.4f}"
     # the kernel computes what the reference quantization says (differences: online-softmax order and
     # rounding of P against the running rather than the final max)
-    emu, _ = attention_ref(hnd(q, layout), hnd(k, layout), hnd(v, layout), pv=pv, block_n=K.INTERPRET_CONFIG[1])
+    emu, _ = attention_ref(hnd(q, layout), hnd(k, layout), hnd(v, layout), pv=pv, block_n=block_n(D, pv))
     cos_e, rel_e = metrics(hnd(out, layout), emu)
     assert cos_e >= 0.9999 and rel_e <= (0.006 if pv == "bf16" else 0.02), f"seed {fresh_seed}: {cos_e}, {rel_e}"
 
@@ -106,8 +114,8 @@ def test_masks(pv, opts, fresh_seed):
     q, k, v = make_qkv(B, H, H, N, N, D)
     kpm = None
     if opts.get("mask"):
-        lens = torch.tensor([N, 37])  # batch 1: text padding after 37 keys
-        kpm = torch.arange(N)[None, :] < lens[:, None]
+        lens = torch.tensor([N, 37], device=DEVICE)  # batch 1: text padding after 37 keys
+        kpm = torch.arange(N, device=DEVICE)[None, :] < lens[:, None]
     window = opts.get("window")
     causal = opts.get("causal", False)
     out, lse = attention(q, k, v, pv=pv, causal=causal, window=window, key_padding_mask=kpm, return_lse=True)
@@ -127,7 +135,7 @@ def test_masks(pv, opts, fresh_seed):
 def test_row_without_keys(fresh_seed):
     """A batch element whose keys are all padding: zeros and lse -inf, no NaN; the other is unaffected."""
     q, k, v = make_qkv(2, 2, 2, 50, 70, 64)
-    kpm = torch.ones(2, 70, dtype=torch.bool)
+    kpm = torch.ones(2, 70, dtype=torch.bool, device=DEVICE)
     kpm[1] = False
     out, lse = attention(q, k, v, key_padding_mask=kpm, return_lse=True)
     assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
@@ -169,7 +177,8 @@ def test_fallback_without_triton(monkeypatch, fresh_seed):
     exact, lse_x = attention_ref(hnd(q, "NHD"), hnd(k, "NHD"), hnd(v, "NHD"), quantize=False, causal=True)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert metrics(hnd(out, "NHD"), exact)[0] >= 0.999
-    assert (lse - lse_x).abs().max() < 0.05
+    err = (lse - lse_x).abs()  # causal: the first rows see one or two keys and keep their int8 error
+    assert err.max() < 0.15 and err.mean() < 0.02, f"seed {fresh_seed}: {err.max()}, {err.mean()}"
 
 
 def test_fake_impl_matches(fresh_seed):

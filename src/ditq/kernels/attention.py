@@ -15,7 +15,7 @@ Math (one query row i, keys j; ``c`` = sm_scale * log2(e)):
 Layouts: the caller's Q / K / V / Out are 4-D with the head dim contiguous and any strides on the
 other three axes ("HND" [B, H, N, D] or "NHD" [B, N, H, D]); the kernels take the strides. Work
 buffers (all contiguous, G = B * H_kv, NP = key count padded to BLOCK_N, DP = D padded to a power of 2):
-    stats  f32 [G, 4, DP]   sum_j k, sum_j v, max_j v, -min_j v        (atomics of the stats pass)
+    stats  f32 [G, 3, DP]   sum_j k, sum_j v, max_j |v|                (atomics of the stats pass)
     kq     int8 [G, NP, DP]   ks f32 [G, NP / BLOCK_N]                  (pad rows and columns are 0)
     vt     e4m3 [G, DP, NP]                                             (pv="fp8" only)
     lse    f32 [B, H, NQ]
@@ -73,29 +73,48 @@ def padded_head_dim(d: int) -> int:
 @triton.jit
 def _kv_stats_kernel(
     K, V, Stats,
-    N, HK,
+    N, HK, CHUNK,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, TILE: tl.constexpr,
     DO_K: tl.constexpr, DO_V: tl.constexpr,
 ):
+    """Program (g, s) sums K and V over tokens [s * CHUNK, (s + 1) * CHUNK) of head g and takes max |V|,
+    then adds its partials into Stats with one set of atomics (Stats starts as zeros)."""
     g = tl.program_id(0)
     b = g // HK
     h = g % HK
-    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, DP)
     cmask = cols < D
-    mask = (rows < N)[:, None] & cmask[None, :]
-    base = Stats + g.to(tl.int64) * 4 * DP
+    start = tl.program_id(1) * CHUNK
+    ksum = tl.zeros([DP], tl.float32)
+    vsum = tl.zeros([DP], tl.float32)
+    vabs = tl.zeros([DP], tl.float32)
+    kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + cols[None, :]
+    vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + cols[None, :]
+    for t in range(start, tl.minimum(start + CHUNK, N), TILE):
+        rows = t + tl.arange(0, TILE)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        if DO_K:
+            ksum += tl.sum(tl.load(kbase + rows[:, None].to(tl.int64) * s_kn, mask=mask, other=0.0).to(tl.float32), 0)
+        if DO_V:
+            v = tl.load(vbase + rows[:, None].to(tl.int64) * s_vn, mask=mask, other=0.0).to(tl.float32)
+            vsum += tl.sum(v, 0)
+            vabs = tl.maximum(vabs, tl.max(tl.abs(v), 0))
+    base = Stats + g.to(tl.int64) * 3 * DP
     if DO_K:
-        kp = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + rows[:, None].to(tl.int64) * s_kn + cols[None, :]
-        k = tl.load(kp, mask=mask, other=0.0).to(tl.float32)
-        tl.atomic_add(base + cols, tl.sum(k, 0), mask=cmask)
+        tl.atomic_add(base + cols, ksum, mask=cmask)
     if DO_V:
-        vp = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + rows[:, None].to(tl.int64) * s_vn + cols[None, :]
-        v = tl.load(vp, mask=mask, other=0.0).to(tl.float32)
-        tl.atomic_add(base + DP + cols, tl.sum(v, 0), mask=cmask)
-        tl.atomic_max(base + 2 * DP + cols, tl.max(tl.where(mask, v, -float("inf")), 0), mask=cmask)
-        tl.atomic_max(base + 3 * DP + cols, tl.max(tl.where(mask, -v, -float("inf")), 0), mask=cmask)
+        tl.atomic_add(base + DP + cols, vsum, mask=cmask)
+        tl.atomic_max(base + 2 * DP + cols, vabs, mask=cmask)  # >= 0, so the zeros it starts from are neutral
+
+
+@triton.jit
+def _v_scale(st, cols, cmask, N, DP: tl.constexpr):
+    """Per-channel mean of V and e4m3 scale of V - mean: max|v - nu| <= max|v| + |nu|. The bound may
+    exceed the true range by up to 2x, which costs e4m3 nothing but one binade at the subnormal end."""
+    nu = tl.load(st + DP + cols, mask=cmask, other=0.0) / N
+    vabs = tl.load(st + 2 * DP + cols, mask=cmask, other=0.0)
+    return nu, tl.maximum(vabs + tl.abs(nu), AMAX_EPS) / 448.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,7 +138,7 @@ def _kv_quant_kernel(
     cols = tl.arange(0, DP)
     cmask = cols < D
     mask = (rows < N)[:, None] & cmask[None, :]
-    st = Stats + g.to(tl.int64) * 4 * DP
+    st = Stats + g.to(tl.int64) * 3 * DP
 
     kp = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + rows[:, None].to(tl.int64) * s_kn + cols[None, :]
     k = tl.load(kp, mask=mask, other=0.0).to(tl.float32)
@@ -135,10 +154,7 @@ def _kv_quant_kernel(
     if DO_V:
         vp = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + rows[:, None].to(tl.int64) * s_vn + cols[None, :]
         v = tl.load(vp, mask=mask, other=0.0).to(tl.float32)
-        nu = tl.load(st + DP + cols, mask=cmask, other=0.0) / N
-        vmax = tl.load(st + 2 * DP + cols, mask=cmask, other=0.0)
-        vneg = tl.load(st + 3 * DP + cols, mask=cmask, other=0.0)
-        vs = tl.maximum(tl.maximum(vmax - nu, vneg + nu), AMAX_EPS) / 448.0
+        nu, vs = _v_scale(st, cols, cmask, N, DP)
         v8 = tl.where(mask, (v - nu[None, :]) * (1.0 / vs)[None, :], 0.0)
         v8 = _to_e4m3(tl.minimum(tl.maximum(v8, -448.0), 448.0), EXACT_CVT)
         # transposed store: the token axis becomes the contiguous one
@@ -161,26 +177,38 @@ def _empty(shape, device, dtype):
     return t
 
 
+_SMS: dict = {}
+
+
+def _num_sms(dev) -> int:
+    if dev.type != "cuda":
+        return 4
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SMS[dev]
+
+
 def kv_prepass(k, v, block_n, smooth_k, pv_fp8):
     """Quantize K (and V for pv="fp8") for ``attention_fwd``.
 
     k, v: [B, H_kv, N, D] views (any strides, head dim contiguous), bf16 / fp16.
-    Returns (stats f32 [G, 4, DP], kq int8 [G, NP, DP], ks f32 [G, NP/block_n], vt e4m3 [G, DP, NP] | None).
+    Returns (stats f32 [G, 3, DP] (sum k, sum v, max |v|), kq int8 [G, NP, DP], ks f32 [G, NP/block_n], vt e4m3 [G, DP, NP] | None).
     """
     B, HK, N, D = k.shape
     DP = padded_head_dim(D)
     G = B * HK
     NP = triton.cdiv(N, block_n) * block_n
     dev = k.device
-    stats = _empty((G, 4, DP), dev, torch.float32)
-    stats[:, :2].zero_()
-    stats[:, 2:].fill_(-float("inf"))
+    stats = torch.zeros((G, 3, DP), device=dev, dtype=torch.float32)
     if smooth_k or pv_fp8:
-        sb = 128 if DP <= 128 else 64
-        _kv_stats_kernel[(G, triton.cdiv(N, sb))](
-            k, v, stats, N, HK,
+        tile = 64 if DP <= 128 else 32
+        # about four programs per SM, each looping over a chunk of tokens: few atomics, full occupancy
+        splits = max(1, min(triton.cdiv(N, 4 * tile), triton.cdiv(4 * _num_sms(dev), G)))
+        chunk = triton.cdiv(triton.cdiv(N, splits), tile) * tile
+        _kv_stats_kernel[(G, triton.cdiv(N, chunk))](
+            k, v, stats, N, HK, chunk,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            D=D, DP=DP, BLOCK=sb, DO_K=smooth_k, DO_V=pv_fp8, num_warps=4,
+            D=D, DP=DP, TILE=tile, DO_K=smooth_k, DO_V=pv_fp8, num_warps=4,
         )
     kq = _empty((G, NP, DP), dev, torch.int8)
     ks = _empty((G, NP // block_n), dev, torch.float32)
@@ -308,7 +336,7 @@ def _attn_fwd_kernel(
     qs = tl.maximum(tl.max(tl.abs(q), 1), AMAX_EPS) / 127.0
     qi = tl.minimum(tl.maximum(_round(q * (1.0 / qs)[:, None]), -127.0), 127.0).to(tl.int8)
     c_row = qs * qk_scale
-    st = Stats + g.to(tl.int64) * 4 * DP
+    st = Stats + g.to(tl.int64) * 3 * DP
     # lse's un-smoothing term now, so the f32 Q tile is dead before the loop (it would cost 64 registers)
     if SMOOTH_K:
         mu = tl.load(st + cols, mask=cmask, other=0.0) / NK
@@ -360,10 +388,7 @@ def _attn_fwd_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     out = acc * inv_l[:, None]
     if PV_FP8:
-        nu = tl.load(st + DP + cols, mask=cmask, other=0.0) / NK
-        vmax = tl.load(st + 2 * DP + cols, mask=cmask, other=0.0)
-        vneg = tl.load(st + 3 * DP + cols, mask=cmask, other=0.0)
-        vs = tl.maximum(tl.maximum(vmax - nu, vneg + nu), AMAX_EPS) / 448.0
+        nu, vs = _v_scale(st, cols, cmask, NK, DP)
         out = out * vs[None, :] + tl.where(empty[:, None], 0.0, nu[None, :])
         off = 8.807354922057604
     else:
@@ -403,8 +428,9 @@ def attention_fwd(q, k, v, *, sm_scale, pv_fp8, smooth_k, key_padding_mask, wind
     q: [B, H, NQ, D]; k, v: [B, H_kv, NK, D] strided views (head dim contiguous, H % H_kv == 0), bf16 or
     fp16 (all one dtype). key_padding_mask: int8/bool [B, NK] (nonzero = a real key) or None.
     window: (left, right) token reach, query i sees keys j with i - left <= j <= i + right, or None.
-    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, int_trick]): int_trick turns int32 scores into floats
-    by bit arithmetic instead of conversion instructions.
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, int_trick[, maxnreg]]): int_trick turns int32 scores
+    into floats by bit arithmetic instead of conversion instructions; maxnreg caps registers per thread so
+    more programs share an SM (0: no cap).
     Returns out [B, H, NQ, D] (a strided view of a tensor laid out like q's storage) and lse f32 [B, H, NQ].
     """
     B, H, NQ, D = q.shape
@@ -412,6 +438,7 @@ def attention_fwd(q, k, v, *, sm_scale, pv_fp8, smooth_k, key_padding_mask, wind
     DP = padded_head_dim(D)
     BM, BN, warps, stages = config[:4]
     int_trick = bool(config[4]) if len(config) > 4 else True
+    maxnreg = {"maxnreg": int(config[5])} if len(config) > 5 and config[5] and not INTERPRET else {}
     stats, kq, ks, vt = kv_prepass(k, v, BN, smooth_k, pv_fp8)
     NP = kq.shape[1]
     out = torch.empty_like(q)
@@ -429,7 +456,7 @@ def attention_fwd(q, k, v, *, sm_scale, pv_fp8, smooth_k, key_padding_mask, wind
         sm_scale * LOG2E, sm_scale, wl, wr,
         D=D, DP=DP, BLOCK_M=BM, BLOCK_N=BN, PV_FP8=pv_fp8, SMOOTH_K=smooth_k,
         HAS_KPM=key_padding_mask is not None, HAS_WINDOW=window is not None, INT_TRICK=int_trick,
-        F32_DOT=INTERPRET, num_warps=warps, num_stages=stages,
+        F32_DOT=INTERPRET, num_warps=warps, num_stages=stages, **maxnreg,
     )
     return out, lse
 
