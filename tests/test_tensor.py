@@ -229,3 +229,29 @@ def test_gradients_flow_to_input_and_bias_through_a_frozen_quantized_weight():
     assert F.relative_error(x.grad, gy.double() @ wd) < 1e-6
     assert F.relative_error(b.grad, gy.double().sum(0)) < 1e-6
     assert not q.requires_grad
+
+
+def test_compiles_when_ops_cannot_tell_it_is_traced(monkeypatch):
+    # torch 2.11 does not report is_compiling() while Dynamo runs a node on fake tensors; the eager Triton
+    # wrapper would then meet tensors without data. QuantizedTensor routes traced inputs to the custom op.
+    from ditq.kernels import ops
+
+    if not ops.triton_runs_on(torch.empty(1)):
+        pytest.skip("needs the Triton path (GPU or TRITON_INTERPRET=1)")
+    monkeypatch.setattr(ops, "_compiling", lambda: False)
+    m = _mlp("fp8-row", 16)
+    x = torch.randn(3, 256)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        assert F.relative_error(compiled(x), m(x)) < 1e-5
+
+
+def test_rebuilding_a_parameter_from_its_type_and_data_ptr():
+    # accelerate rebuilds parameters with `type(param)(value, requires_grad=...)` and maps tied ones by data_ptr
+    _, q = _qweight("int8-row", 17)
+    p = nn.Parameter(q, requires_grad=False)
+    r = type(p)(q.to("meta"), requires_grad=False)
+    assert isinstance(r, QuantizedTensor) and isinstance(r, nn.Parameter) and r.device.type == "meta"
+    assert r.format == "int8-row" and not r.requires_grad
+    assert q.data_ptr() == q.qdata.data_ptr() and q.detach().data_ptr() == q.data_ptr()

@@ -30,6 +30,7 @@ aten = torch.ops.aten
 
 _F_LINEAR = Fn.linear
 _DATA_SET = torch.Tensor.data.__set__
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 class QuantizedTensor(torch.Tensor):
@@ -43,12 +44,20 @@ class QuantizedTensor(torch.Tensor):
     format: str
 
     @staticmethod
-    def __new__(cls, qdata: torch.Tensor, scale: torch.Tensor, format: str, dtype: torch.dtype = torch.bfloat16):
+    def __new__(cls, qdata, scale=None, format=None, dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False):
+        if isinstance(qdata, QuantizedTensor) and scale is None:
+            # `type(param)(value, requires_grad=...)`, as accelerate rebuilds a parameter after moving it
+            # (enable_sequential_cpu_offload): the same as nn.Parameter(value)
+            return torch.nn.Parameter(qdata, requires_grad=requires_grad)
+        if scale is None or format is None:
+            raise TypeError("QuantizedTensor(qdata, scale, format, dtype=torch.bfloat16)")
         return torch.Tensor._make_wrapper_subclass(
             cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
         )
 
-    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, format: str, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, qdata, scale=None, format=None, dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False):
+        if scale is None:  # built by __new__ from another QuantizedTensor
+            return
         fmt = F.get_format(format)
         if qdata.dim() != 2:
             raise ShapeError(f"a QuantizedTensor holds a 2-D [N, K] weight, got qdata of shape {list(qdata.shape)}")
@@ -99,7 +108,7 @@ class QuantizedTensor(torch.Tensor):
     # -- what users call -------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [N, K] (``dtype`` defaults to the reported dtype), as ComfyUI computes it."""
-        return ops.dequant_weight(self.qdata, self.scale, self.format, dtype or self.dtype)
+        return _dequant(self.qdata, self.scale, self.format, dtype or self.dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
         """``x @ W^T + bias`` with dynamic 8-bit activations. x: [..., K]; returns [..., N] in x's dtype
@@ -111,7 +120,7 @@ class QuantizedTensor(torch.Tensor):
             )
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return _QuantizedLinearFn.apply(x, self.qdata, self.scale, self.format, bias, out_dtype)
-        return ops.linear(x, self.qdata, self.scale, self.format, bias, out_dtype)
+        return _linear(x, self.qdata, self.scale, self.format, bias, out_dtype)
 
     @property
     def nbytes_quantized(self) -> int:
@@ -142,6 +151,9 @@ class QuantizedTensor(torch.Tensor):
                     )
                 _set_data(dst, src)
                 return None
+        elif func == _DATA_PTR and isinstance(args[0], QuantizedTensor):
+            # the wrapper has no storage; its identity is qdata's (accelerate maps tied weights by data_ptr)
+            return args[0].qdata.data_ptr()
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
@@ -155,6 +167,32 @@ class QuantizedTensor(torch.Tensor):
         )
 
 
+def _traced_op(name: str, t: torch.Tensor):
+    """The registered custom op ``torch.ops.ditq.<name>`` when ``t`` is not a plain tensor (a FakeTensor or
+    FunctionalTensor while torch.compile traces) and the kernels would run on its device, else None.
+
+    ``ops`` takes the custom op only when ``torch.compiler.is_compiling()`` says so, which some torch
+    versions (2.11) do not report while Dynamo runs a graph node on fake tensors: the eager Triton
+    wrapper then meets a tensor without data. The type check costs nothing on the eager path."""
+    if type(t) is torch.Tensor or not ops.triton_runs_on(t):
+        return None
+    return getattr(torch.ops.ditq, name, None)
+
+
+def _linear(x, qdata, scale, fmt, bias, out_dtype):
+    op = _traced_op("linear", x)
+    if op is None:
+        return ops.linear(x, qdata, scale, fmt, bias, out_dtype)
+    return op(x, qdata, scale, fmt, bias, out_dtype or x.dtype)
+
+
+def _dequant(qdata, scale, fmt, dtype):
+    op = _traced_op("dequant_weight", qdata)
+    if op is None:
+        return ops.dequant_weight(qdata, scale, fmt, dtype)
+    return op(qdata, scale, fmt, dtype)
+
+
 class _QuantizedLinearFn(torch.autograd.Function):
     """The quantized linear with gradients for x and bias (the weight is frozen), so LoRA adapters and
     anything upstream of a quantized layer can train. Forward is the 8-bit kernel; backward multiplies by
@@ -164,14 +202,14 @@ class _QuantizedLinearFn(torch.autograd.Function):
     def forward(ctx, x, qdata, scale, fmt, bias, out_dtype):
         ctx.save_for_backward(qdata, scale)
         ctx.fmt = fmt
-        return ops.linear(x, qdata, scale, fmt, bias, out_dtype)
+        return _linear(x, qdata, scale, fmt, bias, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         qdata, scale = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ops.dequant_weight(qdata, scale, ctx.fmt, grad_out.dtype)
+            grad_x = grad_out @ _dequant(qdata, scale, ctx.fmt, grad_out.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, None, grad_bias, None

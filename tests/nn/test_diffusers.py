@@ -102,6 +102,28 @@ def test_model_to_dtype_keeps_8bit_data():
         assert torch.isfinite(forward(model, kw)).all()
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_accelerate_offload_hooks_on_cpu(sequential):
+    # what enable_model_cpu_offload / enable_sequential_cpu_offload install on each pipeline component, with
+    # the CPU as execution device: weights go to meta and come back from the offloaded copy at every call
+    accelerate = pytest.importorskip("accelerate")
+    model, kw = _tiny("flux", seed=7)
+    ditq.quantize_(model, "int8-row", min_elements=0)
+    with torch.no_grad():
+        ref = forward(model, kw)
+    if sequential:
+        accelerate.cpu_offload(model, execution_device="cpu")
+        assert all(p.is_meta for p in model.parameters())
+    else:
+        _, hook = accelerate.cpu_offload_with_hook(model, execution_device="cpu")
+    with torch.no_grad():
+        y1, y2 = forward(model, kw), forward(model, kw)
+    assert torch.equal(y1, ref) and torch.equal(y2, ref)
+    if sequential:
+        q = [p for p in model.parameters() if isinstance(p, QuantizedTensor)]
+        assert q and all(p.is_meta and p.qdata.is_meta for p in q)
+
+
 # -- CUDA only: the offloading modes that move weights between host and GPU ----------------------------------
 def _gpu_pair(name, fmt="int8-row"):
     model, kw = _tiny(name, seed=6, dtype=torch.bfloat16)

@@ -174,15 +174,19 @@ def test_trained_model_keeps_its_quality():
 
 @pytest.mark.gpu
 def test_device_moves_layer_by_layer_with_bounded_peak():
-    m = _model(7)
-    float_bytes = Q.model_bytes(m)
-    torch.cuda.reset_peak_memory_stats()
+    # a model on the CPU quantized onto the GPU never has more than one float layer there
+    torch.manual_seed(7)
+    m = TinyDiT(d=1024, depth=3).eval()
+    torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     report = ditq.quantize_(m, "int8-row", device="cuda")
+    torch.cuda.synchronize()
     assert all(p.is_cuda for p in m.parameters())
     largest = max(r.bytes_before for r in report.layers)
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak <= report.model_bytes_after + 2 * largest, (peak, float_bytes)
+    bound = report.model_bytes_after + 3 * largest
+    assert peak <= bound < report.model_bytes_before, (peak, bound, report.model_bytes_before)
     x = torch.randn(2, 9, 64, device="cuda")
     with torch.no_grad():
         assert torch.isfinite(m(x)).all()
