@@ -282,6 +282,7 @@ def test_calibration_file_round_trip(tmp_path):
     assert back.get("blocks.0.attn.to_k.weight") is back.layers["blocks.0.attn.to_q"]
     assert back.get("model.diffusion_model.blocks.0.ff.net.2.weight") is back.layers["blocks.0.ff.net.2"]
     assert back.get("blocks.1.attn.to_q") is None
+    assert back.get("single_blocks.0.attn.to_q") is None  # a longer name is another layer
     # the summary reproduces the moment it was cut from (rank 9 + noise) and its exact diagonal
     h = low.hessian(dtype=torch.float64)
     assert torch.allclose(torch.diagonal(h), torch.diagonal(full.moment).double(), rtol=1e-5)

@@ -48,6 +48,9 @@ OPTIMIZERS = ("original", "adamw", "radam")
 SCALE_GRID = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.875, 0.85, 0.825, 0.8)
 """Shrink factors tried for each row / block / tensor scale (1.0 = the amax scale, no clipping)."""
 
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+"""Prefixes that checkpoints put before a model's module names (ComfyUI, pipelines)."""
+
 CALIBRATION_MARKER = "ditq_calibration"
 CALIBRATION_VERSION = "1"
 
@@ -142,12 +145,14 @@ class CalibrationStats:
         return sorted([*self.layers, *self.aliases])
 
     def get(self, name: str) -> LayerStats | None:
-        """Stats of a layer by module name or weight key (``blocks.0.attn.to_q`` or ``...to_q.weight``); a
-        checkpoint prefix such as ``model.diffusion_model.`` is ignored (the longest known suffix wins)."""
+        """Stats of a layer by module name or weight key (``blocks.0.attn.to_q`` or ``...to_q.weight``); the
+        checkpoint prefixes of ``CHECKPOINT_PREFIXES`` are ignored (only those: a shorter suffix could name
+        another layer)."""
         key = name[: -len(".weight")] if name.endswith(".weight") else name
-        parts = key.split(".")
-        for i in range(len(parts)):
-            k = ".".join(parts[i:])
+        for prefix in ("", *CHECKPOINT_PREFIXES):
+            if prefix and not key.startswith(prefix):
+                continue
+            k = key[len(prefix):]
             k = self.aliases.get(k, k)
             if k in self.layers:
                 return self.layers[k]
