@@ -3,8 +3,8 @@
 Tolerances: the kernels sum exact integer (int8) or exact-product fp32 (fp8) partials and apply the scales
 in fp32, so with an fp32 output they agree with float64 to ~1e-6 (bound 2e-5); a bf16 / fp16 output adds
 one rounding of the result (2^-9 / 2^-12 relative per element, bound 6e-3 / 1e-3 on the norm). On Hopper
-the fp8 tensor-core product (wgmma) accumulates with fewer than fp32's mantissa bits, so fp8 formats whose
-K loop accumulates in the tensor core (not the block formats, promoted every 128) get 1e-3 there."""
+the fp8 tensor-core product (wgmma) accumulates with fewer than fp32's mantissa bits, so fp8 formats get 1e-3
+there (measured on an H200: up to ~1e-4)."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
 
 def tol(fmt, out_dtype):
     f = F.get_format(fmt)
-    if DEV == "cuda" and not f.is_int and not f.is_block:
+    if DEV == "cuda" and not f.is_int:
         return max(TOL[out_dtype], 1e-3)
     return TOL[out_dtype]
 

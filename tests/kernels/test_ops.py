@@ -39,7 +39,9 @@ def test_linear_strided_x_and_out_dtype(fmt, poisoned, seed):
     assert y.dtype == torch.float32
     xq, xs = ops.act_quant(x.contiguous(), fmt)  # the same quantized operands (GPU: reciprocal division)
     ref = F.scaled_mm_ref(xq, xs, wq, ws, fmt, None, torch.float64, torch.float64)
-    assert F.relative_error(y, ref) < 1e-5, f"seed {seed}"
+    # Hopper's fp8 tensor-core product accumulates with fewer than fp32's mantissa bits (see test_gemm.py)
+    tol = 1e-3 if (x.is_cuda and not F.get_format(fmt).is_int) else 1e-5
+    assert F.relative_error(y, ref) < tol, f"seed {seed}"
     assert F.relative_error(y, F.linear_ref(x, wq, ws, fmt, None, torch.float64, torch.float64)) < 5e-3
 
 

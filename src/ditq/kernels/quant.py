@@ -94,6 +94,13 @@ def _encoded(entry: _Compiled, j: int, a: Tma) -> list:
     return got
 
 
+def _hooked() -> bool:
+    """Whether a launch hook (a profiler) is installed: then launches take Triton's regular path. In triton
+    3.6 the hook is a HookChain that is never None; it is active when it holds calls."""
+    h = triton.knobs.runtime.launch_enter_hook
+    return h is not None and bool(getattr(h, "calls", True))
+
+
 def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int = 1, key=None, **options):
     """``kernel[grid](*args, **constexprs, ...)`` at a fraction of the host time. The first launch of each
     specialization goes through Triton (compiles, caches); later ones call the C launcher directly, with
@@ -109,7 +116,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stag
     key = (kernel, dev, num_warps, num_stages, tuple(options.items()), tuple(constexprs.values()), key)
     entry = _COMPILED.get(key)
     stream = torch._C._cuda_getCurrentRawStream(dev)
-    if entry is not None and entry.raw is not None and triton.knobs.runtime.launch_enter_hook is None:
+    if entry is not None and entry.raw is not None and not _hooked():
         flat = []
         j = 0
         for a in args:
@@ -136,7 +143,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stag
     ck = entry.ck
     full = (*full, *constexprs.values())
     enter = triton.knobs.runtime.launch_enter_hook
-    meta = ck.launch_metadata(grid, stream, *full) if enter is not None else None
+    meta = ck.launch_metadata(grid, stream, *full) if _hooked() else None
     ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, ck.function,
            ck.packed_metadata, meta, enter, triton.knobs.runtime.launch_exit_hook, *full)  # fmt: skip
     return ck
