@@ -364,17 +364,22 @@ def quantized(model: nn.Module, variant: str, **kw):
             m.weight = saved[name]
 
 
-def compile_model(model: nn.Module, how: str, backend: str = "inductor", fullgraph: bool = True) -> Callable[[], None]:
+def compile_model(
+    model: nn.Module, how: str, backend: str = "inductor", fullgraph: bool = True, mode: str | None = None
+) -> Callable[[], None]:
     """Compile in place (``regional``: each repeated block; ``full``: the whole model). Returns an undo."""
+    opts = dict(backend=backend, fullgraph=fullgraph)
+    if mode:
+        opts["mode"] = mode
     if how == "full":
-        model.compile(backend=backend, fullgraph=fullgraph)
+        model.compile(**opts)
         return lambda: setattr(model, "_compiled_call_impl", None)
     names = set(getattr(model, "_repeated_blocks", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:  # no declared repeated blocks: every child of every ModuleList
         blocks = [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]
     for b in blocks:
-        b.compile(backend=backend, fullgraph=fullgraph)
+        b.compile(**opts)
 
     def undo():
         for b in blocks:
@@ -428,6 +433,7 @@ def add_arguments(p) -> None:
     p.add_argument("--compile-formats", default="best", help="formats to also run compiled: comma list, 'best' or 'none'")
     p.add_argument("--compile-archs", default=None, help="archs to compile (default: all of --arch)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--reps", type=int, default=0, help="timed calls per variant (default: 10 for images, 3 for video)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -559,7 +565,7 @@ def _run_arch(run: _Run, name: str) -> None:
             undo = None
             try:
                 with ctx as report:
-                    undo = compile_model(model, args.compile, args.backend)
+                    undo = compile_model(model, args.compile, args.backend, mode=args.compile_mode)
                     t = time.perf_counter()
                     call()
                     _sync(dev)
