@@ -137,6 +137,13 @@ def _sd3_inputs(cfg, size, device, dtype, g):
     return kw, f"{size['height']}x{size['width']}: {(h // p) * (w // p)} image + {size['text_tokens']} text tokens"
 
 
+# Kandinsky 5 Pro and Lite share inputs ("5 s SD": 512x768, 121 frames, scale factor of the 512 pipelines)
+_K5_SIZE = dict(height=512, width=768, frames=121, text_tokens=256, scale_factor=(1.0, 2.0, 2.0))
+_K5_TINY = dict(in_visual_dim=4, out_visual_dim=4, time_dim=32, patch_size=(1, 2, 2), model_dim=128, ff_dim=256,
+                num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 12, 12), visual_cond=True, in_text_dim=64,
+                in_text_dim2=32)
+_K5_TINY_SIZE = dict(height=64, width=64, frames=5, text_tokens=8)
+
 ARCHS: dict[str, Arch] = {
     # black-forest-labs/FLUX.1-dev transformer/config.json
     "flux": Arch(
@@ -172,12 +179,10 @@ ARCHS: dict[str, Arch] = {
         dict(in_visual_dim=16, out_visual_dim=16, time_dim=1024, patch_size=(1, 2, 2), model_dim=4096, ff_dim=16384,
              num_text_blocks=4, num_visual_blocks=60, axes_dims=(32, 48, 48), visual_cond=True, in_text_dim=3584,
              in_text_dim2=768),
-        dict(height=512, width=768, frames=121, text_tokens=256, scale_factor=(1.0, 2.0, 2.0)),
+        _K5_SIZE,
         _kandinsky_inputs,
-        dict(in_visual_dim=4, out_visual_dim=4, time_dim=32, patch_size=(1, 2, 2), model_dim=128, ff_dim=256,
-             num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 12, 12), visual_cond=True, in_text_dim=64,
-             in_text_dim2=32),
-        dict(height=64, width=64, frames=5, text_tokens=8),
+        _K5_TINY,
+        _K5_TINY_SIZE,
         "Kandinsky 5.0 Video Pro transformer (19 B)",
     ),
     "kandinsky5-lite": Arch(
@@ -185,12 +190,10 @@ ARCHS: dict[str, Arch] = {
         dict(in_visual_dim=16, out_visual_dim=16, time_dim=512, patch_size=(1, 2, 2), model_dim=1792, ff_dim=7168,
              num_text_blocks=2, num_visual_blocks=32, axes_dims=(16, 24, 24), visual_cond=True, in_text_dim=3584,
              in_text_dim2=768),
-        dict(height=512, width=768, frames=121, text_tokens=256, scale_factor=(1.0, 2.0, 2.0)),
+        _K5_SIZE,
         _kandinsky_inputs,
-        dict(in_visual_dim=4, out_visual_dim=4, time_dim=32, patch_size=(1, 2, 2), model_dim=128, ff_dim=256,
-             num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 12, 12), visual_cond=True, in_text_dim=64,
-             in_text_dim2=32),
-        dict(height=64, width=64, frames=5, text_tokens=8),
+        _K5_TINY,
+        _K5_TINY_SIZE,
         "Kandinsky 5.0 Video Lite transformer (2 B)",
     ),
     # stabilityai/stable-diffusion-3.5-large transformer/config.json
