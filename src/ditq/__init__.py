@@ -30,6 +30,10 @@ _LAZY = {
     "enable_int8_attention": "ditq.nn.attention",
     "disable_int8_attention": "ditq.nn.attention",
     "apply_lora": "ditq.nn.lora",
+    "remove_lora": "ditq.nn.lora",
+    "set_lora_scale": "ditq.nn.lora",
+    "enable_lora": "ditq.nn.lora",
+    "disable_lora": "ditq.nn.lora",
     "autoquant_": "ditq.nn.autoquant",
 }
 
