@@ -402,16 +402,17 @@ def _attn_fwd_kernel(
     tl.store(Lse + bh.to(tl.int64) * NQ + offs_m, lse, mask=offs_m < NQ)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (padded head dim, pv is fp8). One warpgroup per program
-# (4 warps, BLOCK_M 64) lets two programs share an SM and drift apart, so one's softmax overlaps the
-# other's tensor-core work; Triton 3.6 gives no such overlap inside one program.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, int_trick, maxnreg) by (padded head dim, pv is fp8), the fastest
+# of `ditq bench attention --tune` on an H200 (bench/results/attention-h200.json). One warpgroup per program
+# (4 warps, BLOCK_M 64) lets two or three programs share an SM and drift apart, so one's softmax overlaps
+# another's tensor-core work; Triton 3.6 gives no such overlap inside one program.
 CONFIGS = {
-    (64, True): (64, 128, 4, 3),
-    (64, False): (64, 128, 4, 3),
-    (128, True): (64, 128, 4, 2),
-    (128, False): (64, 128, 4, 2),
-    (256, True): (64, 64, 4, 2),
-    (256, False): (64, 64, 4, 2),
+    (64, True): (64, 128, 4, 2, 1, 168),
+    (64, False): (64, 128, 4, 3, 1, 0),
+    (128, True): (64, 128, 4, 3, 1, 0),
+    (128, False): (128, 64, 8, 3, 1, 0),
+    (256, True): (64, 64, 4, 2, 1, 0),
+    (256, False): (64, 64, 4, 2, 1, 0),
 }
 INTERPRET_CONFIG = (64, 32, 4, 1)  # the CPU interpreter: small tiles, more blocks, quicker
 
