@@ -65,10 +65,13 @@ def test_compiled_linear_matches_eager(fmt, seed):
     assert torch.equal(f(x), ops.linear(x, wq, ws, fmt, b) * 2)
 
 
+@pytest.mark.parametrize("raw", [False, True])
 @pytest.mark.parametrize("fmt", FMTS)
-def test_repeated_launches_agree(fmt, seed):
-    """The first launch of a specialization compiles through Triton; later ones take ditq's raw launch path
-    (cached TMA maps): they must compute the same, also when the activation's strides change between calls."""
+def test_repeated_launches_agree(fmt, raw, seed, monkeypatch):
+    """The first launch of a specialization compiles through Triton; later ones take ditq's cached launch
+    path (raw: the C launcher directly, with cached TMA maps): they must compute the same, also when the
+    activation's strides change between calls."""
+    monkeypatch.setattr(Q, "RAW_LAUNCH", raw)
     x = torch.randn(1000, 3072, device="cuda", dtype=torch.bfloat16)
     wq, ws = ops.quant_weight(torch.randn(1536, 3072, device="cuda") * 0.02, fmt)
     b = torch.randn(1536, device="cuda", dtype=torch.bfloat16)

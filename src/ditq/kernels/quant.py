@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+import os
+
 import numpy as np
 
 from .. import formats as F
@@ -77,6 +79,10 @@ class _Compiled:
 
 _COMPILED: dict = {}
 _TMA_MAPS: dict = {}
+RAW_LAUNCH = os.environ.get("DITQ_RAW_LAUNCH", "0") == "1"
+"""Opt-in (DITQ_RAW_LAUNCH=1) until verified on a GPU: launch compiled kernels through the C launcher
+directly. Off, repeated launches still skip Triton's argument binding and cache lookup but go through its
+launcher object (which re-encodes TMA descriptors every call)."""
 
 
 def _encoded(entry: _Compiled, j: int, a: Tma) -> list:
@@ -116,7 +122,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stag
     key = (kernel, dev, num_warps, num_stages, tuple(options.items()), tuple(constexprs.values()), key)
     entry = _COMPILED.get(key)
     stream = torch._C._cuda_getCurrentRawStream(dev)
-    if entry is not None and entry.raw is not None and not _hooked():
+    if RAW_LAUNCH and entry is not None and entry.raw is not None and not _hooked():
         flat = []
         j = 0
         for a in args:
