@@ -70,6 +70,7 @@ GOALS = {"bf16": (0.9995, 0.02), "fp8": (0.999, 0.05)}
         ("fp8", torch.float16, "HND", (2, 4, 2, 70, 97, 64)),  # GQA, Nq != Nk
         ("bf16", torch.float16, "NHD", (1, 4, 1, 45, 150, 64)),  # MQA
         ("fp8", torch.bfloat16, "HND", (1, 2, 1, 40, 77, 96)),  # head dim padded to 128
+        ("bf16", torch.bfloat16, "NHD", (1, 1, 1, 33, 50, 256)),
     ],
 )
 def test_matches_float64(pv, dtype, layout, shape, fresh_seed):
