@@ -406,23 +406,27 @@ def dispatch_overhead(device, fmt: str = "int8-row", calls: int = 2000) -> dict:
     x = torch.randn(4, 256, device=device, dtype=dt)
     qd, sc, name = q.qdata, q.scale, q.format
 
-    def per_call(fn):
-        for _ in range(50):
-            fn()
-        _sync(device)
-        best = float("inf")
-        for _ in range(5):  # best of 5 rounds: the least disturbed measurement of host time
-            t = time.perf_counter()
-            for _ in range(calls):
+    def rounds(fns, n_rounds=7):
+        """Best host time per call of each function, the functions alternating round by round so that
+        clock or load drift hits all of them alike (measuring one after the other once gave -30 us)."""
+        for fn in fns:
+            for _ in range(50):
                 fn()
-            _sync(device)
-            best = min(best, (time.perf_counter() - t) / calls * 1e6)
+        _sync(device)
+        best = [float("inf")] * len(fns)
+        for _ in range(n_rounds):
+            for i, fn in enumerate(fns):
+                t = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                _sync(device)
+                best[i] = min(best[i], (time.perf_counter() - t) / calls * 1e6)
         return best
 
     with torch.no_grad():
-        direct = per_call(lambda: ops.linear(x, qd, sc, name))
-        wrapped = per_call(lambda: Fn.linear(x, q))
-        plain = per_call(lambda: Fn.linear(x, w))
+        direct, wrapped, plain = rounds(
+            [lambda: ops.linear(x, qd, sc, name), lambda: Fn.linear(x, q), lambda: Fn.linear(x, w)]
+        )
     return {"format": fmt, "shape": [4, 256, 256], "direct_us": direct, "f_linear_us": wrapped, "overhead_us": wrapped - direct,
             "bf16_f_linear_us": plain}
 
