@@ -220,9 +220,14 @@ def bias_correction(w: torch.Tensor, w_dq: torch.Tensor, input_mean: torch.Tenso
 
 
 # -- grid helpers ----------------------------------------------------------------------------------------
-def _round_codes(v: torch.Tensor, fmt: F.Format) -> torch.Tensor:
-    """Scaled values -> nearest grid values (float32, unscaled): what ``round_to_storage`` stores."""
-    return F.round_to_storage(v, fmt).float()
+def _round_codes(v: torch.Tensor, fmt: F.Format, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled values -> nearest grid values (float32, unscaled), exactly what ``round_to_storage`` stores;
+    int8 skips the int8 round trip (torch.round is half-to-even too): fewer launches in GPTQ's column loop."""
+    v = v.clamp(-fmt.qmax, fmt.qmax)
+    if fmt.is_int:
+        return torch.round(v, out=out)
+    c = v.to(fmt.storage).float()
+    return c if out is None else out.copy_(c)
 
 
 def _grid_step(c: torch.Tensor, fmt: F.Format, up: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,19 +358,22 @@ def search_scale(w: torch.Tensor, h: torch.Tensor | None, fmt: F.Format, grid=SC
 
 # -- GPTQ and refinements --------------------------------------------------------------------------------
 def _damped_cholesky_inverse(h: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of (h + damping * mean(diag h) * I)^-1, in float64 for stability; more damping
-    is added (x10, up to 4 times) when h is too ill-conditioned."""
+    """Upper Cholesky factor U of (h + damping * mean(diag h) * I)^-1 = U^T U, in float64 for stability.
+
+    Without forming the inverse: with J the reversal, chol(J h J) = L gives h = R R^T for the upper
+    R = J L J, so h^-1 = R^-T R^-1 and U = R^-1 (one Cholesky, one triangular solve). More damping is
+    added (x10, up to 4 times) when h is too ill-conditioned."""
     h = h.double()
     k = h.shape[0]
     mean_diag = float(torch.diagonal(h).mean().clamp(min=1e-30))
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
     for _ in range(5):
-        hd = h.clone()
+        hd = h.flip(0, 1).clone()
         hd.diagonal().add_(damping * mean_diag)
         lc, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(lc)
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
+            u = torch.linalg.solve_triangular(lc.flip(0, 1), eye, upper=True)
+            if bool(torch.isfinite(u).all()):
                 return u
         damping = max(damping * 10, 1e-6)
     raise DitqError(f"GPTQ: the input second moment ({k}x{k}) is not positive definite even with heavy damping")
@@ -391,15 +399,15 @@ def gptq(
     codes = torch.empty_like(wt)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = wt[i1:i2]  # a view: updated in place, it is the error-compensated target of each column
-        err1 = torch.empty_like(w1)
+        err1 = torch.empty(i2 - i1, n, device=w.device)
         hi = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            # the column's error-compensated target: feedback from this block's earlier columns is pulled
+            # in one vector-matrix product (a rank-1 push per column is slow on a busy multi-core CPU)
+            col = wt[i1 + i] - hi[:i, i] @ err1[:i] if i else wt[i1]
             s = st[i1 + i]
-            c = _round_codes(w1[i] / s, fmt)
-            codes[i1 + i] = c
-            err1[i] = (w1[i] - c * s) / hi[i, i]
-            w1[i:].addr_(hi[i, i:], err1[i], alpha=-1.0)
+            c = _round_codes(col / s, fmt, out=codes[i1 + i])
+            torch.addcmul(col, c, s, value=-1.0, out=err1[i]).div_(hi[i, i])
         if i2 < k:
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
     out = torch.empty_like(codes)
@@ -426,7 +434,8 @@ def coordinate_descent(
             b2 = min(b1 + block_size, k)
             dd = torch.zeros(b2 - b1, n, device=w.device)
             for j in range(b1, b2):
-                c, s, g = ct[j], st[j], gt[j]
+                c, s = ct[j], st[j]
+                g = gt[j] + h[j, b1:j] @ dd[: j - b1] if j > b1 else gt[j]  # this block's earlier moves
                 best_gain = torch.zeros_like(g)
                 best_c, best_u = c, torch.zeros_like(g)
                 for up in (True, False):
@@ -440,12 +449,7 @@ def coordinate_descent(
                 changed += int((best_u != 0).sum())
                 ct[j] = best_c
                 dd[j - b1] = best_u
-                gt[b1:b2].addr_(h[b1:b2, j], best_u)
-            # the rest of G catches up once per block (lazy batch update, one GEMM each side)
-            if b1 > 0:
-                gt[:b1].addmm_(h[:b1, b1:b2], dd)
-            if b2 < k:
-                gt[b2:].addmm_(h[b2:, b1:b2], dd)
+            gt.addmm_(h[:, b1:b2], dd)  # G catches up with the block's moves in one GEMM
     return ct.t().contiguous(), changed
 
 
