@@ -30,7 +30,7 @@ VARIANTS = {  # name -> learned_quantize options (calibration given unless data_
     "no-scale-search": {"optimize_scale": False},
     "cd-1-sweep": {"iters": 1},
     "adamw-100": {"optimizer": "adamw", "iters": 100},
-    "data-free-weight": {"data_free": True},
+    "data-free-weight": {"data_free": True, "objective": "weight"},
     "data-free-svd": {"data_free": True, "objective": "svd"},
 }
 

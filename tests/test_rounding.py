@@ -216,8 +216,13 @@ def test_scale_search_never_loses_to_amax_per_unit():
 
 def test_data_free_objectives():
     w, sample = structured_layer(n=256, k=256, seed=15)
-    # weight (the data-free default): never a larger weight error than nearest
-    q, s, rep = R.learned_quantize(w, "int8-block")
+    # without calibration, "auto" keeps nearest: nothing could check a data-free result
+    q, s, rep = R.learned_quantize(w, "fp8-tensor")
+    q0, s0 = F.quantize_weight_ref(w, "fp8-tensor")
+    assert rep["objective"] is None and rep["fallback"] and "calibration" in rep["fallback_reason"]
+    assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+    # weight (opt-in): never a larger weight error than nearest
+    q, s, rep = R.learned_quantize(w, "int8-block", objective="weight")
     assert rep["objective"] == "weight"
     assert float((F.dequantize_ref(q, s, "int8-block") - w).pow(2).sum()) <= float((nearest(w, "int8-block") - w).pow(2).sum())
     # svd: lowers its own objective, the rank follows rank_fraction within [min_rank, max_rank]
@@ -233,7 +238,11 @@ def test_too_few_tokens_use_the_data_free_objective():
     w, sample = structured_layer(n=128, k=256, seed=16)
     stats = R.LayerStats.from_activations(sample(100, 1))
     rep = R.learned_quantize(w, "int8-row", stats)[2]
-    assert rep["objective"] == "weight" and "tokens" in rep["note"]
+    assert rep["objective"] == "weight" and "tokens" in rep["note"] and rep["heldout_rows"] == 20
+    stats.sample = None  # and with nothing to judge it on, nearest
+    q, s, rep = R.learned_quantize(w, "int8-row", stats)
+    assert rep["objective"] is None and "held-out" in rep["fallback_reason"]
+    assert torch.equal(q, F.quantize_weight_ref(w, "int8-row")[0])
 
 
 def test_bias_correction_uses_the_real_input_mean():

@@ -6,11 +6,14 @@ Objectives (``ΔW = W_dq - W``, ``W`` [N, K]):
 
 * ``activation`` (needs calibration): ``E_x ||x ΔW^T||^2 / N = tr(ΔW H ΔW^T) / N`` with the input second
   moment ``H = E[x x^T]`` [K, K], i.e. the output MSE on the calibration distribution.
-* ``weight`` (data-free default): ``||ΔW||_F^2 / N``, the output MSE for white inputs; nearest is optimal
+* ``weight`` (data-free, opt-in): ``||ΔW||_F^2 / N``, the output MSE for white inputs; nearest is optimal
   for a fixed scale, so only the per-row / block / tensor scale search can gain.
-* ``svd`` (data-free): ``||U_k^T ΔW V_k||_F^2`` with the top-k singular vectors of W; k =
+* ``svd`` (data-free, opt-in): ``||U_k^T ΔW V_k||_F^2`` with the top-k singular vectors of W; k =
   ``rank_fraction * min(N, K)`` clamped to ``[min_rank, max_rank]``. It assumes inputs live where W acts
-  most; it has no data to prove that, so it is opt-in and judged on its own objective only.
+  most.
+
+Without data nothing can check a data-free result against real inputs, and both raised the output error
+on some test layers (bench/NOTES.md), so ``objective="auto"`` without calibration keeps nearest.
 
 Optimizers:
 
@@ -538,14 +541,15 @@ def learned_quantize(
     scale f32 of the format's shape, report dict), both tensors on w's device.
 
     calibration: LayerStats, CalibrationStats (looked up by ``name``), activation rows [M, K] (20% are held
-    out), or None. objective: "activation" (needs calibration), "weight" or "svd" (data-free), "auto"
-    (activation when calibration is there, else weight). optimizer/iters: see the module docstring (iters defaults to 0 extra
+    out), or None. objective: "activation" (needs calibration), "weight" or "svd" (data-free, opt-in), "auto"
+    (activation when calibration is there, else nearest: unchecked data-free rounding can be worse). optimizer/iters: see the module docstring (iters defaults to 0 extra
     sweeps for "original": they lower the calibration objective but not the held-out error; 100 steps for
     "adamw"/"radam"). heldout: input rows [S, K] to judge the result on (default: the calibration
     sample); the report's ``*_learned`` fields describe the learned candidate even when it was rejected. bias: the layer's bias [N]; with a calibration mean the report then
     holds ``corrected_bias`` when correcting it lowers the held-out error (or, without held-out rows,
     always). min_tokens: with objective "auto", layers whose statistics hold fewer than min_tokens x K tokens
-    use the data-free "weight" objective (report["note"] says so). device: where to compute (default CUDA
+    use the data-free "weight" objective judged on the held-out rows, or nearest when there are none
+    (report["note"] says so). device: where to compute (default CUDA
     when available)."""
     t0 = time.perf_counter()
     fmt = F.get_format(fmt)
@@ -560,20 +564,27 @@ def learned_quantize(
         torch.device("cuda") if torch.cuda.is_available() else w.device)
     wf = w.detach().to(dev, torch.float32)
     stats = _as_stats(calibration, k, name)
+    if heldout is None and stats is not None and stats.sample is not None and stats.sample.shape[0] > 0:
+        heldout = stats.sample
     note = None
     if objective == "auto":
-        objective = "activation" if stats is not None else "weight"
-        if stats is not None and stats.count < min_tokens * k:
+        if stats is None:
+            return nearest_result(w, fmt, name, "no calibration statistics for this layer (the data-free "
+                                  "objectives 'weight' and 'svd' are opt-in: unchecked, they can raise the "
+                                  "output error)", t0)
+        objective = "activation"
+        if stats.count < min_tokens * k:
             # fewer tokens than inputs: H is rank-deficient and GPTQ would hide the error in directions
-            # that other inputs do use
-            objective, note = "weight", f"{stats.count} calibration tokens < {min_tokens} x K = {min_tokens * k}"
+            # that other inputs do use; the data-free objective is tried instead, where held-out rows can judge it
+            note = f"{stats.count} calibration tokens < {min_tokens} x K = {min_tokens * k}"
+            if heldout is None:
+                return nearest_result(w, fmt, name, note + " and no held-out rows", t0)
+            objective = "weight"
     if objective == "activation" and stats is None:
         raise FormatError(f"rounding objective 'activation' for layer {name!r} needs calibration statistics; "
                           f"run `ditq calibrate` and pass them, or use objective='weight' (data-free)")
     if iters is None:
         iters = 0 if optimizer == "original" else 100
-    if heldout is None and stats is not None and stats.sample is not None and stats.sample.shape[0] > 0:
-        heldout = stats.sample
     x_held = heldout.to(dev, torch.float32).reshape(-1, k) if heldout is not None else None
 
     rank = None
@@ -652,22 +663,24 @@ def learned_quantize(
     return q_l.to(out_device), s_l.to(out_device), report
 
 
+def nearest_result(w: torch.Tensor, fmt, name, reason: str, t0: float | None = None):
+    """Round-to-nearest with a report saying why learned rounding did not run: (qdata, scale, report)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    fmt = F.get_format(fmt)
+    q, s = F.quantize_weight_ref(w, fmt, name=name)
+    return q, s, {"name": name, "format": fmt.name, "objective": None, "optimizer": None, "iterations": 0,
+                  "fallback": True, "fallback_reason": reason, "time_s": time.perf_counter() - t0}
+
+
 def round_layer(name: str, w: torch.Tensor, fmt, calibration=None, **options):
     """The converter's per-layer hook: ``learned_quantize`` with the layer's own statistics looked up by
     ``name`` (module name or ``<L>.weight``) in a CalibrationStats. A layer the file does not cover is
-    rounded data-free when ``objective`` is "svd", else kept at nearest (report says why).
+    kept at nearest (report says why) unless a data-free ``objective`` ("weight", "svd") is asked for.
 
     Returns (qdata, scale, report); ``report["corrected_bias"]`` (if present) is the bias to write."""
-    fmt = F.get_format(fmt)
-    objective = options.get("objective", "auto")
-    if isinstance(calibration, CalibrationStats) and calibration.get(name) is None and objective != "svd":
-        t0 = time.perf_counter()
-        q, s = F.quantize_weight_ref(w, fmt, name=name)
-        return q, s, {
-            "name": name, "format": fmt.name, "objective": None, "optimizer": None, "iterations": 0,
-            "fallback": True, "fallback_reason": "layer not in the calibration file",
-            "time_s": time.perf_counter() - t0,
-        }
+    if isinstance(calibration, CalibrationStats) and calibration.get(name) is None and options.get(
+            "objective", "auto") in ("auto", "activation"):
+        return nearest_result(w, fmt, name, "layer not in the calibration file")
     return learned_quantize(w, fmt, calibration=calibration, name=name, **options)
 
 
