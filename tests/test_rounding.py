@@ -75,6 +75,10 @@ def test_quantize_weight_learned_matches_learned_quantize(layer):
     q, s, _ = R.learned_quantize(w, "int8-block", stats)
     assert torch.equal(qt.qdata, q) and torch.equal(qt.scale, s)
     assert isinstance(qt, ditq.QuantizedTensor)
+    # a calibration file: the layer's name finds its statistics
+    cal = R.CalibrationStats({"blocks.0.ff": stats})
+    qt = ditq.quantize_weight(w, "int8-block", rounding="learned", calibration=cal, name="blocks.0.ff.weight")
+    assert torch.equal(qt.qdata, q)
 
 
 def test_gain_holds_on_a_trained_mlp():

@@ -352,7 +352,7 @@ def quantize_weight(
     elif rounding == "learned":
         from .rounding import learned_quantize  # optional and heavier; imported on use
 
-        q, s = learned_quantize(w.detach(), fmt.name, **options)[:2]
+        q, s = learned_quantize(w.detach(), fmt.name, name=name, **options)[:2]  # name: its calibration stats
     else:
         raise FormatError(f"unknown rounding {rounding!r}; choose 'nearest' or 'learned'")
     return QuantizedTensor(q, s, fmt.name, w.dtype)
