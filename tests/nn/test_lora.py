@@ -398,3 +398,57 @@ def test_dynamic_under_torch_compile_and_autograd():
     y.float().sum().backward()
     w = model[0].weight.dequantize(torch.float32) + 3.0 * b.float() @ a.float()
     assert F.relative_error(xg.grad, torch.ones(2, 9, 128) @ w) < 2e-2
+
+
+def _wan():
+    torch.manual_seed(15)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def test_wan_original_names_with_bias_merge_and_dynamic(tmp_path):
+    """ComfyUI / original Wan names (self_attn.q, cross_attn.o, ffn.0, diff_b as in the distillation LoRAs),
+    converted by diffusers' Wan converter; the bias difference lands in the layer's bias (merge) or rides in
+    the low-rank GEMMs (dynamic), and both agree."""
+    gen = torch.Generator().manual_seed(16)
+    layers = {"blocks.0.self_attn.q": ("blocks.0.attn1.to_q", 24, 24),
+              "blocks.0.cross_attn.o": ("blocks.0.attn2.to_out.0", 24, 24),
+              "blocks.0.ffn.0": ("blocks.0.ffn.net.0.proj", 32, 24)}
+    sd, expected, expected_bias = {}, {}, {}
+    for orig, (name, n, k) in layers.items():
+        a, b = _pair(n, k, 4, gen, 0.5)
+        sd[f"diffusion_model.{orig}.lora_down.weight"], sd[f"diffusion_model.{orig}.lora_up.weight"] = a, b
+        sd[f"diffusion_model.{orig}.alpha"] = torch.tensor(2.0)
+        expected[name] = _delta(a, b, 2.0 / 4, 0.8)
+    diff_b = torch.randn(24, generator=gen) * 0.1
+    sd["diffusion_model.blocks.0.self_attn.q.diff_b"] = diff_b
+    expected_bias["blocks.0.attn1.to_q"] = 0.8 * diff_b.double()
+    path = _save(tmp_path, sd, "wan.safetensors")
+
+    merged, dynamic = _wan(), _wan()
+    base = copy.deepcopy(merged)
+    report = ditq.apply_lora(merged, path, scale=0.8, mode="merge")
+    assert "WanLoraLoaderMixin" in report.naming and not report.unmatched
+    assert sorted(l.name for l in report.layers) == sorted(expected)
+    for name, delta in expected.items():
+        got = _layers(merged)[name].weight.double() - _layers(base)[name].weight.double()
+        assert F.relative_error(got, delta) < 1e-5, name
+        bias_delta = _layers(merged)[name].bias.double() - _layers(base)[name].bias.double()
+        want = expected_bias.get(name, torch.zeros(bias_delta.shape, dtype=torch.float64))
+        assert torch.allclose(bias_delta, want, atol=1e-6), name
+
+    ditq.apply_lora(dynamic, path, scale=0.8, mode="dynamic", adapter_name="wan")
+    # a second adapter without bias packs with the first: the bias column must survive packing
+    ditq.apply_lora(dynamic, {"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 24),
+                              "blocks.0.attn1.to_q.lora_B.weight": torch.zeros(24, 4)}, mode="dynamic")
+    x = torch.randn(3, 5, 24, generator=gen)
+    for name in expected:
+        with torch.no_grad():
+            y_dyn, y_merged = _layers(dynamic)[name](x), _layers(merged)[name](x)
+        assert F.relative_error(y_dyn, y_merged) < 1e-5, name
+    L.disable_lora(dynamic, "wan")
+    with torch.no_grad():
+        assert torch.equal(_layers(dynamic)["blocks.0.attn1.to_q"](x), _layers(base)["blocks.0.attn1.to_q"](x))

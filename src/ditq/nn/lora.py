@@ -50,14 +50,14 @@ _ROLE_PATTERNS = [
     (re.compile(r"^(.+)\.lora(?:_linear_layer)?\.up\.weight$"), "B"),
     (re.compile(r"^(.+_lora\d?)\.down\.weight$"), "A"),  # XLabs (processor.qkv_lora1.down.weight)
     (re.compile(r"^(.+_lora\d?)\.up\.weight$"), "B"),
+    (re.compile(r"^(.+)\.(?:lora_B(?:\.[^.]+)?|lora_up)\.bias$"), "bias"),  # PEFT lora_bias; Wan's diff_b, converted
     (re.compile(r"^(.+)\.alpha$"), "alpha"),
 ]
 
 # Keys ditq recognizes but does not apply, with the reason reported for them.
+_DORA = re.compile(r"dora_scale|lora_magnitude_vector")
 _UNSUPPORTED = [
-    (re.compile(r"dora_scale|lora_magnitude_vector"), "DoRA magnitude: not applied (the layer gets the plain "
-     "low-rank update, as diffusers does)"),
-    (re.compile(r"\.lora_B(?:\.[^.]+)?\.bias$|\.lora_up\.bias$"), "LoRA bias (lora_bias=True): not supported"),
+    (_DORA, "DoRA magnitude: not applied (the layer gets the plain low-rank update, as diffusers does)"),
     (re.compile(r"\.diff(_b)?$"), "full weight/bias difference: not supported"),
     (re.compile(r"hada_|lokr_|\.oft_"), "LoHa / LoKr / OFT adapter: not supported, only low-rank LoRA"),
 ]
@@ -250,6 +250,7 @@ class _Target:
     alpha: float
     factor: float
     keys: tuple[str, ...]
+    bias: torch.Tensor | None = None  # lora_B's bias [N], scaled like the branch (PEFT's lora_bias)
 
 
 def _match(model: nn.Module, sd: dict) -> tuple[dict[str, dict], dict[str, str], set[str]]:
@@ -281,7 +282,7 @@ def _match(model: nn.Module, sd: dict) -> tuple[dict[str, dict], dict[str, str],
             unmatched[key] = f"second {role} for layer {name} (first: {group[role]})"
             continue
         group[role] = key
-        if role != "alpha":
+        if role in ("A", "B"):
             styles.add("kohya" if ("lora_down" in key or "lora_up" in key) else "peft")
     for name in list(groups):
         group = groups[name]
@@ -294,8 +295,8 @@ def _match(model: nn.Module, sd: dict) -> tuple[dict[str, dict], dict[str, str],
     return groups, unmatched, styles
 
 
-def _targets(model: nn.Module, sd: dict, config: dict, groups: dict[str, dict]) -> list[_Target]:
-    """Check every pair against its layer (raises ShapeError before anything is changed)."""
+def _targets(model: nn.Module, sd: dict, config: dict, groups: dict[str, dict], mode: str) -> list[_Target]:
+    """Check every pair against its layer (raises ShapeError / DitqError before anything is changed)."""
     modules = dict(model.named_modules())
     out = []
     for name, group in groups.items():
@@ -324,7 +325,15 @@ def _targets(model: nn.Module, sd: dict, config: dict, groups: dict[str, dict]) 
             alpha = _config_alpha(config, name)
             alpha = float(rank) if alpha is None else alpha
         factor = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        out.append(_Target(name, module, A, B, alpha, factor, tuple(group.values())))
+        bias = sd[group["bias"]] if "bias" in group else None
+        if bias is not None:
+            if tuple(bias.shape) != (n,):
+                raise ShapeError(f"LoRA bias {group['bias']} has shape {list(bias.shape)}; layer {name} needs [{n}]")
+            if mode == "merge" and module.bias is None:
+                raise DitqError(
+                    f"LoRA bias {group['bias']} cannot be merged: layer {name} has no bias; use mode='dynamic'"
+                )
+        out.append(_Target(name, module, A, B, alpha, factor, tuple(group.values()), bias))
     return out
 
 
@@ -381,7 +390,7 @@ def _convert_pending(loader, pending: dict) -> tuple[dict, dict[str, str]]:
         pass
     by_module: dict[str, dict] = {}
     for k, v in pending.items():
-        by_module.setdefault(_role(k)[0], {})[k] = v
+        by_module.setdefault(_role(k)[0] if _role(k) else k.rsplit(".", 1)[0], {})[k] = v
     converted, failed = {}, {}
     for group in by_module.values():
         try:
@@ -392,7 +401,7 @@ def _convert_pending(loader, pending: dict) -> tuple[dict, dict[str, str]]:
     return converted, failed
 
 
-def _plan(model: nn.Module, lora) -> tuple[list[_Target], LoraReport]:
+def _plan(model: nn.Module, lora, mode: str) -> tuple[list[_Target], LoraReport]:
     """Read and match a LoRA; validate every layer's shapes. Touches nothing."""
     sd, config, source = _read(lora)
     if not sd:
@@ -400,8 +409,9 @@ def _plan(model: nn.Module, lora) -> tuple[list[_Target], LoraReport]:
     groups, unmatched, styles = _match(model, sd)
     naming = "+".join(sorted(styles)) or "none"
     notes = []
-    pending = {k: sd[k] for k in unmatched if _role(k) is not None}
-    loader = _diffusers_loader(model) if pending else None
+    # everything ditq could not place goes to the family's converter, which may know more (Wan's diff_b, ...)
+    pending = {k: sd[k] for k in unmatched if not _DORA.search(k)}
+    loader = _diffusers_loader(model) if any(_role(k) for k in pending) else None
     if pending and loader is None and any(_BFL_FLUX.match(k) for k in pending):
         notes.append(
             "these look like original (BFL / ComfyUI / kohya) Flux names: ditq converts them with diffusers' converter "
@@ -415,11 +425,12 @@ def _plan(model: nn.Module, lora) -> tuple[list[_Target], LoraReport]:
             u2.update(dict.fromkeys(g2.pop(name).values(), f"layer {name} already gets a LoRA from this file"))
         if g2:
             for k in pending:
-                unmatched.pop(k)
-            unmatched.update(failed)
+                if k not in failed or unmatched[k].startswith("no layer"):  # else ditq's reason says more
+                    unmatched.pop(k)
+            unmatched.update({k: why for k, why in failed.items() if k not in unmatched})
             unmatched.update({k: f"after diffusers' conversion: {why}" for k, why in u2.items()})
             groups.update(g2)
-            sd = {**sd, **{k: v for k, v in converted.items() if k not in sd}}
+            sd = {**sd, **converted}
             converted_by = f"original names converted by diffusers {loader.__name__}"
             naming = f"{naming} and {converted_by}" if styles else converted_by
         elif failed:
@@ -430,7 +441,7 @@ def _plan(model: nn.Module, lora) -> tuple[list[_Target], LoraReport]:
             f"no key of LoRA {source} matches a linear layer of {type(model).__name__} ({len(sd)} keys, e.g. {shown})"
             + (f". {notes[0]}" if notes else "")
         )
-    targets = _targets(model, sd, config, groups)
+    targets = _targets(model, sd, config, groups, mode)
     report = LoraReport("", "", 1.0, source, naming, unmatched=unmatched, notes=notes)
     return targets, report
 
@@ -455,6 +466,9 @@ def _merge(t: _Target, scale: float) -> None:
         w.copy_(quantize_weight(merged, w.format, name=f"{t.name}.weight"))  # copies qdata and scale
     else:
         w.copy_(merged)
+    if t.bias is not None:
+        b = t.module.bias
+        b.copy_(b.float() + t.bias.to(b.device, torch.float32) * (scale * t.factor))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,10 +488,13 @@ class LoraSlot(nn.Module):
     """The dynamic LoRA adapters of one ``nn.Linear``, child ``ditq_lora`` of that layer.
 
     Adapter tensors are non-persistent buffers (they follow ``model.to(...)`` and stay out of
-    ``state_dict``): ``A_i`` [r, K] and ``B_i`` [N, r] in the layer's compute dtype. What the forward
-    uses is decided here, not in the forward: one enabled adapter -> its own A_i / B_i and the factor
-    ``scale * alpha / r``; several -> ``packed_A`` [sum r, K] and ``packed_B`` [N, sum r] with the factors
-    folded into B, so any number of adapters costs one pair of GEMMs."""
+    ``state_dict``): ``A_i`` [r, K], ``B_i`` [N, r] and optionally ``bias_i`` [N] in the layer's compute dtype.
+    What the forward uses is decided when adapters change, not in the forward: one enabled adapter without
+    bias -> its own A_i / B_i and the factor ``scale * alpha / r``; otherwise ``packed_A`` [R, K] and
+    ``packed_B`` [N, R] with the factors folded into B, so any number of adapters costs one pair of GEMMs.
+    Biases ride along in that pair: A gets 8 zero rows (8 keeps cuBLAS's leading dimensions aligned) and
+    the down-projection a bias that is 1 on the first of them, so ``x @ A^T`` carries a column of ones, and
+    B's matching column holds the sum of the scaled biases."""
 
     def __init__(self):
         super().__init__()
@@ -485,47 +502,63 @@ class LoraSlot(nn.Module):
         self._next = 0
         self._down: str | None = None  # names of the buffers the forward uses (None: no active adapter)
         self._up: str | None = None
+        self._down_bias: str | None = None
         self._alpha = 0.0
         self.register_buffer("packed_A", None, persistent=False)
         self.register_buffer("packed_B", None, persistent=False)
+        self.register_buffer("packed_A_bias", None, persistent=False)
         self._hook = None
 
-    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, factor: float, scale: float) -> None:
+    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, factor: float, scale: float):
         i = self._next
         self._next += 1
         self.register_buffer(f"A_{i}", A, persistent=False)
         self.register_buffer(f"B_{i}", B, persistent=False)
+        self.register_buffer(f"bias_{i}", bias, persistent=False)
         self.adapters[name] = _Adapter(i, A.shape[0], factor, scale)
         self.repack()
 
     def drop(self, name: str) -> None:
         a = self.adapters.pop(name)
-        delattr(self, f"A_{a.index}")
-        delattr(self, f"B_{a.index}")
+        for t in ("A", "B", "bias"):
+            delattr(self, f"{t}_{a.index}")
         self.repack()
 
     def repack(self) -> None:
-        self.packed_A = self.packed_B = None
+        self.packed_A = self.packed_B = self.packed_A_bias = None
+        self._down_bias = None
         active = [a for a in self.adapters.values() if a.enabled and a.scale * a.factor != 0.0]
+        biases = [(getattr(self, f"bias_{a.index}"), a.scale * a.factor) for a in active]
+        biases = [(b, f) for b, f in biases if b is not None]
         if not active:
             self._down = self._up = None
-        elif len(active) == 1:
+            return
+        if len(active) == 1 and not biases:
             a = active[0]
             self._down, self._up, self._alpha = f"A_{a.index}", f"B_{a.index}", a.scale * a.factor
-        else:
-            self.packed_A = torch.cat([getattr(self, f"A_{a.index}") for a in active])
-            self.packed_B = torch.cat(
-                [(getattr(self, f"B_{a.index}").float() * (a.scale * a.factor)).to(self.packed_A.dtype) for a in active],
-                dim=1,
-            )
-            self._down, self._up, self._alpha = "packed_A", "packed_B", 1.0
+            return
+        A = [getattr(self, f"A_{a.index}") for a in active]
+        B = [getattr(self, f"B_{a.index}").float() * (a.scale * a.factor) for a in active]
+        dtype, r = A[0].dtype, sum(a.shape[0] for a in A)
+        if biases:
+            A.append(A[0].new_zeros(8, A[0].shape[1]))
+            ones = B[0].new_zeros(B[0].shape[0], 8)
+            ones[:, 0] = sum(b.float() * f for b, f in biases)
+            B.append(ones)
+            self.packed_A_bias = A[0].new_zeros(r + 8)
+            self.packed_A_bias[r] = 1.0
+            self._down_bias = "packed_A_bias"
+        self.packed_A = torch.cat(A)
+        self.packed_B = torch.cat(B, dim=1).to(dtype)
+        self._down, self._up, self._alpha = "packed_A", "packed_B", 1.0
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [..., N] (the base layer's output for x [..., K]) plus the enabled adapters' branch."""
         if self._down is None:
             return y
         down, up = getattr(self, self._down), getattr(self, self._up)
-        xa = Fn.linear(x.to(down.dtype), down)  # [..., R]: reads x once
+        down_bias = getattr(self, self._down_bias) if self._down_bias is not None else None
+        xa = Fn.linear(x.to(down.dtype), down, down_bias)  # [..., R]: reads x once
         if xa.dtype != y.dtype:
             xa, up = xa.to(y.dtype), up.to(y.dtype)
         n = y.shape[-1]
@@ -554,7 +587,8 @@ def _attach(t: _Target, name: str, scale: float) -> None:
         slot = LoraSlot()
         t.module.ditq_lora = slot
         slot._hook = t.module.register_forward_hook(_lora_hook, with_kwargs=True)
-    slot.add(name, t.A.to(device, dtype).contiguous(), t.B.to(device, dtype).contiguous(), t.factor, scale)
+    bias = t.bias.to(device, dtype) if t.bias is not None else None
+    slot.add(name, t.A.to(device, dtype).contiguous(), t.B.to(device, dtype).contiguous(), bias, t.factor, scale)
 
 
 def _detach(module: nn.Module, slot: LoraSlot) -> None:
@@ -624,7 +658,7 @@ def apply_lora(
             f"a LoRA named {adapter_name!r} is already applied to this model; remove_lora(model, {adapter_name!r}) "
             f"first or choose another adapter_name"
         )
-    targets, report = _plan(model, lora)
+    targets, report = _plan(model, lora, mode)
     name = adapter_name or _default_name(model, report.source)
     report.adapter_name, report.mode, report.scale = name, mode, scale
     for t in targets:
