@@ -131,3 +131,45 @@ def test_scaled_mm_property(fmt, m, n_units, k_units, tail, with_bias, seed):
     y = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.float32)
     err = F.relative_error(y, _ref(xq, xs, wq, ws, f, bias))
     assert err < tol(f, torch.float32), f"{fmt} M={m} N={n} K={k} seed {seed}: rel err {err:.2e}"
+
+
+def _weight_only_ref(x, wq, ws, fmt, bias):
+    """float64 x @ dequant(w)^T + bias: the weight-only product (x is not quantized)."""
+    y = x.double() @ F.dequantize_ref(wq, ws, fmt, torch.float64).t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_weight_only_matches_float64(fmt, poisoned, seed):
+    """Few-row kernel (x unquantized): against the float64 product with the dequantized weight (exact products,
+    fp32 sums: the out dtype's rounding bound) and against the unquantized float64 product (the format's bound).
+    Odd M, N and K tails, strided x, all three x dtypes, both K steps (block formats: 2 scaled sub-blocks)."""
+    f = F.get_format(fmt)
+    m, n, k = (7, 256, 384) if f.is_block else (7, 75, 203)
+    w = torch.randn(n, k, device=DEV) * 0.05
+    wq, ws = F.quantize_weight_ref(w, f)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    cfgs = [Config(16, 32, 128, 1, 4, 1), Config(16, 16, 256, 1, 4, 2)]
+    cases = [(torch.bfloat16, torch.bfloat16, bias, 0), (torch.float16, torch.float32, None, 1),
+             (torch.float32, torch.float32, bias, 1)]  # fmt: skip
+    for (x_dtype, out_dtype, b, ci) in cases:
+        x = (torch.randn(k, m + 3, device=DEV) * 2).to(x_dtype).t()[1 : m + 1]  # column-major rows of a slab
+        y = G.weight_only_linear(x, wq, ws, f, b, out_dtype, config=cfgs[ci])
+        assert y.shape == (m, n) and y.dtype == out_dtype
+        err = F.relative_error(y, _weight_only_ref(x, wq, ws, f, b))
+        assert err < max(TOL[out_dtype], 1e-5), f"seed {seed} {x_dtype} {cfgs[ci]}: rel err {err:.2e}"
+        truth = x.double() @ w.double().t() + (0 if b is None else b.double())
+        assert F.relative_error(y, truth) < (0.025 if f.is_int else 0.06), f"seed {seed}"
+
+
+def test_weight_only_one_row_and_errors(poisoned, seed):
+    """M = 1 (one sample's modulation vector) with a per-tensor scale; more than 128 rows is refused."""
+    w = torch.randn(96, 160, device=DEV)
+    wq, ws = F.quantize_weight_ref(w, "fp8-tensor")
+    x = torch.randn(1, 160, device=DEV, dtype=torch.bfloat16)
+    y = G.weight_only_linear(x, wq, ws, "fp8-tensor")
+    assert y.dtype == torch.bfloat16 and F.relative_error(y, _weight_only_ref(x, wq, ws, "fp8-tensor", None)) < 6e-3
+    with pytest.raises(ShapeError, match="at most 128 rows"):
+        G.weight_only_linear(torch.randn(129, 160, device=DEV), wq, ws, "fp8-tensor")
+    with pytest.raises(ShapeError, match="K=100"):
+        G.weight_only_linear(torch.randn(2, 100, device=DEV), wq, ws, "fp8-tensor")

@@ -72,6 +72,7 @@ def test_repeated_launches_agree(fmt, raw, seed, monkeypatch):
     path (raw: the C launcher directly, with cached TMA maps): they must compute the same, also when the
     activation's strides change between calls."""
     monkeypatch.setattr(Q, "RAW_LAUNCH", raw)
+    ops.clear_plans()
     x = torch.randn(1000, 3072, device="cuda", dtype=torch.bfloat16)
     wq, ws = ops.quant_weight(torch.randn(1536, 3072, device="cuda") * 0.02, fmt)
     b = torch.randn(1536, device="cuda", dtype=torch.bfloat16)
@@ -80,3 +81,67 @@ def test_repeated_launches_agree(fmt, raw, seed, monkeypatch):
     xt = x.t().contiguous().t()  # column-major: another act-quant specialization, same result
     assert torch.equal(ops.linear(xt, wq, ws, fmt, b), ys[0]) and torch.equal(ops.linear(xt, wq, ws, fmt, b), ys[0])
     assert F.relative_error(ys[0], F.linear_ref(x, wq, ws, fmt, b, torch.float32)) < 6e-3
+    ops.clear_plans()
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_launch_plans_match_the_general_path(fmt, poisoned, seed):
+    """ops.linear's plans (built at the first call of a weight and activation shape, replayed by direct C
+    launcher calls with kept buffers) give bit-for-bit the result of the regular wrappers, for the weight-only
+    rows, the W8A8 path with kept and with fresh activation buffers, 3-D and strided x, no bias, fp32 out;
+    also when new data arrives at the same addresses, and on another stream."""
+    ops.clear_plans()
+    f = F.get_format(fmt)
+    n, k = 640, 1536
+    wq, ws = ops.quant_weight(torch.randn(n, k, device="cuda") * 0.02, f)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    limit = ops.weight_only_max_m(b)
+    cases = [((1, k), b, None), ((2, 8, k), b, None), ((limit, k), None, torch.float32), ((limit + 1, k), b, None),
+             ((3, 100, k), b, torch.float32), ((5000, k), b, None)]  # fmt: skip
+    for shape, bias, out_dtype in cases:
+        m = int(torch.tensor(shape[:-1]).prod())
+        for layout in ("contiguous", "column-major"):
+            x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+            if layout == "column-major":
+                if len(shape) != 2:
+                    continue
+                x = x.t().contiguous().t()
+            general = ops._linear_general(x, wq, ws, f, bias, out_dtype, 0 < m <= limit)
+            ys = [ops.linear(x, wq, ws, f, bias, out_dtype) for _ in range(3)]
+            what = f"seed {seed} {shape} {layout} bias={bias is not None} {out_dtype}"
+            assert all(torch.equal(y, general) for y in ys), what
+            x.copy_(torch.randn_like(x))  # same addresses, new values: the plan reads them
+            general = ops._linear_general(x, wq, ws, f, bias, out_dtype, 0 < m <= limit)
+            assert torch.equal(ops.linear(x, wq, ws, f, bias, out_dtype), general), what
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                y_side = ops.linear(x, wq, ws, f, bias, out_dtype)
+            torch.cuda.current_stream().wait_stream(side)
+            assert torch.equal(y_side, general), what + " (side stream)"
+            if m <= limit:
+                ref = x.reshape(-1, k).double() @ F.dequantize_ref(wq, ws, f, torch.float64).t()
+            else:
+                ref = F.linear_ref(x.reshape(-1, k), wq, ws, f, None, torch.float64, torch.float64)
+            ref = ref if bias is None else ref + bias.double()
+            assert F.relative_error(general.reshape(-1, n), ref) < 6e-3, what
+    ops.clear_plans()
+
+
+@pytest.mark.parametrize("fmt", ["int8-row", "fp8-block"])
+def test_linear_in_a_cuda_graph(fmt, seed):
+    """Captured linears (weight-only and W8A8: buffers come from the graph's pool) replay with new inputs."""
+    ops.clear_plans()
+    wq, ws = ops.quant_weight(torch.randn(512, 1024, device="cuda") * 0.02, fmt)
+    xs = [torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16) for m in (4, 700)]
+    for x in xs:  # warm: plans exist before the capture
+        ops.linear(x, wq, ws, fmt)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = [ops.linear(x, wq, ws, fmt) for x in xs]
+    for x in xs:
+        x.copy_(torch.randn_like(x))
+    g.replay()
+    for x, y in zip(xs, outs):
+        assert torch.equal(y, ops.linear(x, wq, ws, fmt)), f"seed {seed} M={x.shape[0]}"
+    ops.clear_plans()

@@ -108,3 +108,25 @@ def test_custom_op_opcheck(fmt):
     q, s = torch.ops.ditq.act_quant(x, fmt)
     torch.library.opcheck(torch.ops.ditq.act_quant.default, (x, fmt))
     torch.library.opcheck(torch.ops.ditq.scaled_mm.default, (q, s, wq, ws, fmt, None, torch.float32))
+
+
+@pytest.mark.parametrize("fmt", ["int8-block", "fp8-row"])
+def test_linear_takes_weight_only_for_few_rows(fmt, poisoned, seed, monkeypatch):
+    """Up to the row limit, linear multiplies the unquantized x by the 8-bit weight (one launch); above it, the
+    W8A8 path. (On the CPU the limit is 0 unless set, so CPU results stay the reference's W8A8.)"""
+    monkeypatch.setattr(ops, "WEIGHT_ONLY_CPU", 8)
+    monkeypatch.setattr(ops._configs, "WEIGHT_ONLY_MAX_M", 8)
+    f = F.get_format(fmt)
+    w = torch.randn(128, 256, device=DEV) * 0.03
+    wq, ws = ops.quant_weight(w, f)
+    b = torch.randn(128, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(2, 4, 256, device=DEV, dtype=torch.bfloat16)
+    # fp32 outputs, so each path is ~1e-6 from its own reference and ~5e-3 (the activation's quantization)
+    # from the other's: the bounds tell which path ran
+    tol = 1e-4 if DEV == "cpu" else 2e-3  # GPU: reciprocal act quant, Hopper's fp8 accumulation
+    y = ops.linear(x, wq, ws, f, b, torch.float32)
+    wo = x.double() @ F.dequantize_ref(wq, ws, f, torch.float64).t() + b.double()
+    assert y.shape == (2, 4, 128) and F.relative_error(y, wo) < tol, f"seed {seed}"
+    x9 = torch.randn(9, 256, device=DEV, dtype=torch.bfloat16)
+    ref = F.linear_ref(x9, wq, ws, f, b, torch.float64, torch.float64)
+    assert F.relative_error(ops.linear(x9, wq, ws, f, b, torch.float32), ref) < tol, f"seed {seed}: W8A8 above"

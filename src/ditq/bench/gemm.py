@@ -73,6 +73,9 @@ def add_arguments(p) -> None:
     p.add_argument("--configs-out", metavar="PATH", help="with --tune: write the winners here")
     p.add_argument("--formats", default=",".join(FMTS), help="comma-separated formats (default: all five)")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep in ms per timing (default 100)")
+    p.add_argument("--no-shapes", action="store_true", help="skip the GEMM shape table (host/small-M/compile only)")
+    p.add_argument("--wo-sweep", action="store_true", help="also sweep the weight-only kernel's configurations")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
 
 
 def _geomean(v):
@@ -107,62 +110,178 @@ def _copy_bandwidth(bench) -> float:
     return 2 * (1 << 30) / ms / 1e6
 
 
-def _eager_overhead(ops, wq_by_fmt) -> dict:
-    """Host time per call (us) of small linears, where the GPU work is negligible: launch + Python cost."""
+def _per_call_us(fn, n=2000) -> float:
+    """Host time per call (us) of a loop of ``fn`` with one synchronize at the end (GPU work negligible)."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def _eager_overhead(ops, fmts) -> dict:
+    """Host time per call (us) of small linears (M=16, N=K=1024), where the GPU work is negligible: the
+    default path (weight-only below the threshold), the W8A8 path (act quant + GEMM), the W8A8 path through
+    Triton's launcher (``DITQ_RAW_LAUNCH=0``, the state before the launch plans), and the custom op."""
+    from ..kernels import configs as CF
+    from ..kernels import quant as Q
+
     res = {}
     x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
-
-    def per_call(fn, n=2000):
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / n * 1e6
-
-    res["bf16 F.linear"] = per_call(lambda: torch.nn.functional.linear(x, w, b))
-    for fmt, (wq, ws) in wq_by_fmt.items():
-        res[f"ditq {fmt}"] = per_call(lambda: ops.linear(x, wq, ws, fmt, b))
-        res[f"custom op {fmt}"] = per_call(lambda: torch.ops.ditq.linear(x, wq, ws, fmt, b, torch.bfloat16))
-    wq, ws = wq_by_fmt["int8-row"]
-    q, s = ops.act_quant(x, "int8-row")
-    res["act_quant int8-row"] = per_call(lambda: ops.act_quant(x, "int8-row"))
-    res["scaled_mm int8-row"] = per_call(lambda: ops.scaled_mm(q, s, wq, ws, "int8-row", b))
-    res["torch.empty x3"] = per_call(lambda: (torch.empty(16, 1024, dtype=torch.int8, device="cuda"),
-                                              torch.empty(16, 1, device="cuda"), torch.empty(16, 1024, device="cuda")))  # fmt: skip
+    res["bf16 F.linear"] = _per_call_us(lambda: torch.nn.functional.linear(x, w, b))
+    wqs = {fmt: ops.quant_weight(w.float(), fmt) for fmt in fmts}
+    limit = CF.WEIGHT_ONLY_MAX_M
+    for fmt, (wq, ws) in wqs.items():
+        res[f"ditq {fmt}"] = _per_call_us(lambda: ops.linear(x, wq, ws, fmt, b))
+        res[f"custom op {fmt}"] = _per_call_us(lambda: torch.ops.ditq.linear(x, wq, ws, fmt, b, torch.bfloat16))
+    try:
+        CF.WEIGHT_ONLY_MAX_M = 0
+        ops.clear_plans()
+        for fmt, (wq, ws) in wqs.items():
+            res[f"ditq W8A8 {fmt}"] = _per_call_us(lambda: ops.linear(x, wq, ws, fmt, b))
+        Q.RAW_LAUNCH = False
+        ops.clear_plans()
+        for fmt in ("int8-row", "int8-block"):
+            if fmt in wqs:
+                wq, ws = wqs[fmt]
+                res[f"ditq W8A8 triton launcher {fmt}"] = _per_call_us(lambda: ops.linear(x, wq, ws, fmt, b), 500)
+    finally:
+        CF.WEIGHT_ONLY_MAX_M = limit
+        Q.RAW_LAUNCH = True
+        ops.clear_plans()
+    res["torch.empty"] = _per_call_us(lambda: torch.empty(16, 1024, dtype=torch.bfloat16, device="cuda"))
     import cProfile
     import io
     import pstats
 
     prof = cProfile.Profile()
+    wq, ws = wqs[fmts[0]]
     prof.enable()
     for _ in range(500):
-        ops.linear(x, wq, ws, "int8-row", b)
+        ops.linear(x, wq, ws, fmts[0], b)
     prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
-    print("\n".join(out.getvalue().splitlines()[:40]))
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(10)
+    print("\n".join(out.getvalue().splitlines()[:30]))
     return res
 
 
-def _compiled_vs_eager(ops, bench) -> dict:
-    """torch.compile(fullgraph) around ditq's linear (custom op) vs eager, Flux qkv shape."""
+SMALL_M_SHAPES = [(3072, 3072), (18432, 3072), (12288, 3072), (3072, 12288)]  # Flux: qkv/out, adaLN, ff1, ff2
+SMALL_MS = (1, 4, 16, 32, 64, 128, 256)
+
+
+def _small_m(ops, bench, fmts, sweep: bool) -> list:
+    """Few-row linears (e.g. the adaLN modulation of a DiT: one row per sample): bf16 F.linear vs ditq's
+    weight-only kernel vs its W8A8 path, at Flux widths; with ``sweep`` also the weight-only configurations.
+    Checks the weight-only result against the float64 product of x and the dequantized weight first."""
+    from ..kernels import configs as CF
+    from ..kernels import gemm as G
+
+    rows = []
+    for n, k in SMALL_M_SHAPES:
+        w = torch.randn(n, k, device="cuda") * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        wqs = {fmt: ops.quant_weight(w, fmt) for fmt in fmts}
+        for m in SMALL_MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            wb = w.bfloat16()
+            row = {"M": m, "N": n, "K": k, "us": {"bf16": bench(lambda: torch.nn.functional.linear(x, wb, bias)) * 1e3},
+                   "err": {}, "weight_GBps": {}}  # fmt: skip
+            for fmt, (wq, ws) in wqs.items():
+                if m <= 128:
+                    y = G.weight_only_linear(x, wq, ws, fmt, bias)
+                    ref = x.double() @ F.dequantize_ref(wq, ws, fmt, torch.float64).t() + bias.double()
+                    row["err"][fmt] = e = F.relative_error(y, ref)
+                    if not e < 6e-3:
+                        print(f"FAIL weight-only {fmt} {m}x{n}x{k}: rel err {e:.2e}")
+                        row["fail"] = True
+                    t = bench(lambda: G.weight_only_linear(x, wq, ws, fmt, bias)) * 1e3
+                    row["us"][f"wo {fmt}"] = t
+                    row["weight_GBps"][fmt] = n * k / t / 1e3
+                    row.setdefault("wo_config", {})[fmt] = CF.weight_only_config(fmt, m, n, k).as_list()
+                    if sweep and fmt in ("int8-row", "fp8-block") and m in (1, 16, 64):
+                        for c in _wo_candidates(fmt, m):
+                            try:
+                                tc = bench(lambda: G.weight_only_linear(x, wq, ws, fmt, bias, config=c), rep=20) * 1e3
+                            except Exception as ex:  # a config that does not compile or fit: said, skipped
+                                print(f"  wo {fmt} {c.as_list()}: {type(ex).__name__}: {str(ex)[:100]}")
+                                continue
+                            row.setdefault("wo_sweep", {}).setdefault(fmt, []).append([c.as_list(), round(tc, 2)])
+                xq, xs = ops.act_quant(x, fmt)
+                row["us"][f"w8a8 {fmt}"] = (bench(lambda: ops.act_quant(x, fmt)) + bench(
+                    lambda: G.scaled_mm(xq, xs, wq, ws, fmt, bias, torch.bfloat16))) * 1e3  # fmt: skip
+            rows.append(row)
+            u = row["us"]
+            print(f"small M {m:4d} {n:6d}x{k:<6d} bf16 {u['bf16']:7.1f} us | "
+                  + " ".join(f"{kk}={u['bf16'] / v:.2f}x" for kk, v in u.items() if kk != "bf16")
+                  + " | weight GB/s " + " ".join(f"{f_}={v:.0f}" for f_, v in row["weight_GBps"].items()), flush=True)  # fmt: skip
+            if "wo_sweep" in row:
+                for f_, lst in row["wo_sweep"].items():
+                    best = min(lst, key=lambda r: r[1])
+                    print(f"    sweep {f_}: default {row['us'][f'wo {f_}']:.1f} us, best {best[1]:.1f} us {best[0]}")
+    return rows
+
+
+def _wo_candidates(fmt: str, m: int):
+    from ..kernels.gemm import Config as C
+
+    bm = max(16, 1 << (max(m, 1) - 1).bit_length())
+    cs = [C(bm, 16, 256, 1, 4, 4), C(bm, 32, 256, 1, 4, 4), C(bm, 64, 256, 1, 4, 4), C(bm, 32, 128, 1, 4, 6),
+          C(bm, 64, 128, 1, 4, 6), C(bm, 32, 512, 1, 4, 3), C(bm, 128, 128, 1, 8, 4), C(bm, 64, 256, 1, 8, 3)]  # fmt: skip
+    return cs
+
+
+def _compile_modes(ops, bench, fmts) -> dict:
+    """A stack of four quantized linears (Flux widths, GELU between) eager vs torch.compile modes, against the
+    same stack in bf16: per-forward time (do_bench median; host and GPU both count) and the first call."""
     res = {}
-    x = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(3072, 3072, device="cuda") * 0.02
-    b = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
-    for fmt in ("int8-row", "fp8-row"):
-        wq, ws = ops.quant_weight(w, fmt)
-        torch._dynamo.reset()
-        fn = torch.compile(lambda x: ops.linear(x, wq, ws, fmt, b), fullgraph=True)
-        t0 = time.perf_counter()
-        same = torch.equal(fn(x), ops.linear(x, wq, ws, fmt, b))
-        res[fmt] = {"compile_s": time.perf_counter() - t0, "same_as_eager": same,
-                    "eager_ms": bench(lambda: ops.linear(x, wq, ws, fmt, b)), "compiled_ms": bench(lambda: fn(x))}  # fmt: skip
+    dims = [(3072, 12288), (12288, 3072), (3072, 3072), (3072, 3072)]
+    ws = [torch.randn(n, k, device="cuda") * 0.02 for k, n in dims]
+    bs = [torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1 for _, n in dims]
+
+    def bf16_stack(x, wb=[w.bfloat16() for w in ws]):
+        for w, b in zip(wb, bs):
+            x = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+        return x
+
+    def ditq_stack(fmt, qs):
+        def f(x):
+            for (wq, s), b in zip(qs, bs):
+                x = torch.nn.functional.gelu(ops.linear(x, wq, s, fmt, b))
+            return x
+
+        return f
+
+    for m in (16, 4608):
+        x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16)
+        variants = [("bf16", "eager", bf16_stack), ("bf16", "reduce-overhead", bf16_stack)]
+        for fmt in fmts:
+            fn = ditq_stack(fmt, [ops.quant_weight(w, fmt) for w in ws])
+            variants += [(fmt, "eager", fn), (fmt, "max-autotune-no-cudagraphs", fn), (fmt, "reduce-overhead", fn)]
+        ref = bf16_stack(x).float()
+        for name, mode, fn in variants:
+            key = f"M={m} {name} {mode}"
+            try:
+                torch._dynamo.reset()
+                f = fn if mode == "eager" else torch.compile(fn, mode=mode, dynamic=False, fullgraph=True)
+                t0 = time.perf_counter()
+                y = f(x)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                for _ in range(3):
+                    y = f(x)
+                ms = bench(lambda: f(x))
+                res[key] = {"ms": ms, "first_call_s": first, "cos_vs_bf16": float(
+                    torch.nn.functional.cosine_similarity(y.float().flatten(), ref.flatten(), dim=0))}  # fmt: skip
+            except Exception as e:  # reported, not fatal
+                res[key] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"  compile {key}: {res[key]}", flush=True)
+    torch._dynamo.reset()
     return res
 
 
@@ -179,7 +298,7 @@ def main(args) -> int:
     from ..kernels import quant as Q
 
     fmts = [f.strip() for f in args.formats.split(",") if f.strip()]
-    shapes = QUICK if args.quick else SHAPES
+    shapes = [] if args.no_shapes else (QUICK if args.quick else SHAPES)
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}  torch {torch.__version__}  triton {triton.__version__}  python {platform.python_version()}")
 
@@ -301,10 +420,11 @@ def main(args) -> int:
     # ---- what the compiler made of the kernels at one large shape (registers, spills, instruction mix)
     report["kernels"] = {}
     m, n, k = 4608, 3072, 12288
+    fmts_k = fmts if shapes else []
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     print("\n# compiled GEMM kernels at 4608x3072x12288")
-    for fmt in fmts:
+    for fmt in fmts_k:
         wq, ws = ops.quant_weight(w, fmt)
         xq, xs = ops.act_quant(x, fmt)
         G.scaled_mm(xq, xs, wq, ws, fmt, None, torch.bfloat16)
@@ -318,16 +438,13 @@ def main(args) -> int:
         print(f"  {fmt:10s} " + " ".join(f"{kk}={vv}" for kk, vv in info.items()))
     del x, w
 
-    wq_small = {fmt: ops.quant_weight(torch.randn(1024, 1024, device="cuda"), fmt) for fmt in fmts}
-    report["eager_overhead_us"] = _eager_overhead(ops, wq_small)
+    report["eager_overhead_us"] = _eager_overhead(ops, fmts)
     print("\n# host time per call at M=16, N=K=1024 (us): "
           + ", ".join(f"{k}={v:.1f}" for k, v in report["eager_overhead_us"].items()))  # fmt: skip
-    try:
-        report["compile"] = _compiled_vs_eager(ops, bench)
-        print("# torch.compile(fullgraph) vs eager at 4608x3072x3072:", report["compile"])
-    except Exception as e:  # reported, not fatal: the eager numbers above stand on their own
-        report["compile"] = f"{type(e).__name__}: {e}"
-        print("# torch.compile failed:", report["compile"][:300])
+    report["small_m"] = _small_m(ops, bench, fmts, args.wo_sweep)
+    failures += sum(1 for r in report["small_m"] if r.get("fail"))
+    if not args.no_compile:
+        report["compile_modes"] = _compile_modes(ops, bench, [f for f in ("int8-row", "fp8-block") if f in fmts])
 
     # ---- summary table
     big = [r for r in report["shapes"] if r["M"] >= 4096]

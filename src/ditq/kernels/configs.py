@@ -82,3 +82,30 @@ def get_config(fmt: str, m: int, n: int, k: int) -> Config:
         if c is not None:
             return c
     return heuristic(fmt, m, n, k)
+
+
+WEIGHT_ONLY_MAX_M = 64
+"""Rows up to which ``ops.linear`` on a GPU takes the weight-only kernel (one launch, x unquantized) instead of
+act quant + W8A8 GEMM: measured on an H200, bench/NOTES.md ("Small M")."""
+
+
+def weight_only_config(fmt: str, m: int, n: int, k: int) -> Config:
+    """Launch configuration of the weight-only kernel (block_m covers all rows). The kernel is bound by
+    reading the weight, so the N tile is chosen to give every SM a few programs (two per SM when N allows),
+    and the K step to keep enough bytes in flight per program."""
+    bm = 16
+    while bm < m:
+        bm *= 2
+    if INTERPRET:
+        return Config(bm, 32, 128, 1, 4, 1)
+    import torch
+
+    from .gemm import _num_sms
+
+    sms = _num_sms(torch.device("cuda", torch.cuda.current_device()))
+    bn = 64
+    while bn > 16 and -(-n // bn) < 2 * sms:
+        bn //= 2
+    # shared memory per stage: bn * bk weight bytes + bk * bm activation elements
+    bk = 256 if bm <= 32 else 128
+    return Config(bm, bn, bk, 1, 4, 4)

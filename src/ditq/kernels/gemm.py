@@ -285,6 +285,56 @@ def check_operands(xq, x_scale, wq, w_scale, fmt: F.Format, bias) -> None:
         raise ShapeError(f"scaled_mm: bias has shape {tuple(bias.shape)}, expected ({n},)")
 
 
+def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config) -> _quant.Spec:
+    """The launch of the scaled GEMM for checked operands (M, N, K > 0) into ``out`` [M, N] (fresh, contiguous)
+    with configuration ``c``. TMA operands are ``Tma`` objects in ``spec.args`` (x first, then w)."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    if fmt.is_block and (c.block_k != F.BLOCK or F.BLOCK % c.block_n):
+        raise ShapeError(f"config {c} invalid for {fmt.name}: needs block_k == 128 and block_n dividing 128")
+    use_tma = c.tma and _tma_ok(xq) and _tma_ok(wq)
+    if x_scale.dim() == 1:
+        x_scale = x_scale[:, None]
+    wss = w_scale.stride()
+    ws_stride = (wss[0], wss[1] if len(wss) > 1 else 0) if wss else (0, 0)
+    opts = {"maxnreg": c.maxnreg} if c.maxnreg else {}
+    common = dict(IS_INT=fmt.is_int, BLOCK_SCALED=fmt.is_block, W_SCALE_ROW=fmt.weight_granularity == "row",
+                  HAS_BIAS=bias is not None)  # fmt: skip
+    tiles = triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n)
+    xss = x_scale.stride()
+    # what Triton specializes on, for the launch cache (M is not specialized; out is a fresh allocation)
+    key = (out.dtype, x_scale.dtype, w_scale.dtype, None if bias is None else bias.dtype,
+           xq.data_ptr() & 15, wq.data_ptr() & 15, x_scale.data_ptr() & 15, w_scale.data_ptr() & 15,
+           0 if bias is None else bias.data_ptr() & 15, n, k, xq.stride(), wq.stride(), xss, ws_stride)  # fmt: skip
+    x_desc = _quant.Tma(xq, (c.block_m, c.block_k)) if use_tma else None
+    w_desc = _quant.Tma(wq, (c.block_n, c.block_k)) if use_tma else None
+    if use_tma and c.persistent:
+        programs = min(tiles, _num_sms(xq.device))
+        args = (x_desc, w_desc, x_scale, w_scale, bias, out, m, n, k, out.stride(0), xss[0], xss[1],
+                ws_stride[0], ws_stride[1])  # fmt: skip
+        return _quant.Spec(
+            _scaled_mm_persistent_kernel, (programs,), args,
+            dict(**common, MAGIC_I2F=c.magic_i2f, MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                 BLOCK_K=c.block_k, GROUP_M=c.group_m, NUM_PROGRAMS=programs),
+            c.num_warps, c.num_stages, key=key, **opts,
+        )  # fmt: skip
+    args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, m, n, k,
+            xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
+            xss[0], xss[1], ws_stride[0], ws_stride[1])  # fmt: skip
+    return _quant.Spec(
+        _scaled_mm_kernel, (tiles,), args,
+        dict(**common, USE_TMA=use_tma, EVEN_K=k % c.block_k == 0, DOT2=c.dot2, MAGIC_I2F=c.magic_i2f,
+             MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m),
+        c.num_warps, c.num_stages, key=key, **opts,
+    )  # fmt: skip
+
+
+def _launch(spec: _quant.Spec) -> None:
+    global last_compiled
+    entry = _quant.launch(spec)
+    last_compiled = entry.ck if entry is not None else None
+
+
 def scaled_mm(
     xq: torch.Tensor,
     x_scale: torch.Tensor,
@@ -312,57 +362,132 @@ def scaled_mm(
         from .configs import get_config
 
         config = get_config(fmt.name, m, n, k)
-    c = config
-    if fmt.is_block and (c.block_k != F.BLOCK or F.BLOCK % c.block_n):
-        raise ShapeError(f"config {c} invalid for {fmt.name}: needs block_k == 128 and block_n dividing 128")
-    use_tma = c.tma and _tma_ok(xq) and _tma_ok(wq)
-    if x_scale.dim() == 1:
-        x_scale = x_scale[:, None]
+    _launch(scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, config))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weight-only product for few rows (M <= 128): the activation stays in its float dtype
+
+
+@triton.jit(do_not_specialize=["M"])
+def _weight_only_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
+    stride_xm, stride_xk, stride_om, stride_wsn, stride_wsk,
+    W_GRAN: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, F32_DOT: tl.constexpr,
+    MANUAL_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SUB_K: tl.constexpr,
+):  # fmt: skip
+    """y [M, N] = x [M, K] @ (w [N, K] * scale)^T + bias with M <= BLOCK_M: one program per BLOCK_N output
+    channels reads its weight rows once (memory-bound: the weight bytes are the traffic). The product is
+    computed transposed, w [BLOCK_N, K] as the tensor cores' wide operand and x^T [K, BLOCK_M] as the narrow
+    one, so BLOCK_M can stay at the 16-row minimum. int8 and e4m3 values are exact in bf16 / fp16, so the
+    products are exact and accumulate in fp32. W_GRAN: 0 one scale, 1 per row, 2 per 128x128 block (SUB_K
+    == 128 and BLOCK_N divides 128: one scale per tile and K block, applied to that block's partial)."""
+    pid_n = tl.program_id(0)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_c = tl.minimum(rn, N - 1)  # rows past N load a valid row; never stored
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = (rm < M)[None, :]
+    cdt = x_ptr.dtype.element_ty  # int8 and e4m3 values are exact in bf16 / fp16
+    w_rows = w_ptr + rn_c[:, None].to(tl.int64) * K
+    x_rows = x_ptr + rm[None, :].to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        for kk in tl.static_range(BLOCK_K // SUB_K):
+            rk = k0 + kk * SUB_K + tl.arange(0, SUB_K)
+            if EVEN_K:
+                w = tl.load(w_rows + rk[None, :])
+                xt = tl.load(x_rows + rk[:, None] * stride_xk, mask=m_ok, other=0.0)
+            else:
+                k_ok = rk < K
+                w = tl.load(w_rows + rk[None, :], mask=k_ok[None, :], other=0.0)
+                xt = tl.load(x_rows + rk[:, None] * stride_xk, mask=m_ok & k_ok[:, None], other=0.0)
+            if F32_DOT:  # fp32 x, or the interpreter (its int8 -> bf16 cast and bf16 dot are wrong in triton 3.6)
+                p = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:
+                p = tl.dot(w.to(cdt), xt)
+            if W_GRAN == 2:
+                kb = (k0 + kk * SUB_K) // 128
+                acc += p * tl.load(ws_ptr + (pid_n * BLOCK_N // 128) * stride_wsn + kb * stride_wsk)
+            else:
+                acc += p
+    if W_GRAN == 1:
+        acc = acc * tl.load(ws_ptr + rn_c * stride_wsn)[:, None]
+    elif W_GRAN == 0:
+        acc = acc * tl.load(ws_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_c).to(tl.float32)[:, None]
+    out = out_ptr + rm[None, :].to(tl.int64) * stride_om + rn[:, None]
+    tl.store(out, cast_rne(acc, out_ptr.dtype.element_ty, MANUAL_RNE), mask=(rn < N)[:, None] & m_ok)
+
+
+def weight_only_spec(x, wq, w_scale, fmt: F.Format, bias, out, c: Config) -> _quant.Spec:
+    """The launch of the weight-only product for x [M, K] (any strides, 0 < M <= c.block_m), wq [N, K]
+    contiguous, into ``out`` [M, N] (row stride ``out.stride(0)``, unit column stride). ``c``: block_m (a
+    power of two >= 16 and >= M), block_n, block_k (for block formats a multiple of 128 and block_n dividing
+    128), num_warps, num_stages."""
+    m, k = x.shape
+    n = wq.shape[0]
+    if fmt.is_block and (c.block_k % F.BLOCK or F.BLOCK % c.block_n):
+        raise ShapeError(f"config {c} invalid for weight-only {fmt.name}: needs block_k % 128 == 0, 128 % block_n == 0")
+    gran = {"tensor": 0, "row": 1, "block": 2}[fmt.weight_granularity]
     wss = w_scale.stride()
     ws_stride = (wss[0], wss[1] if len(wss) > 1 else 0) if wss else (0, 0)
-    opts = {"maxnreg": c.maxnreg} if c.maxnreg else {}
-    common = dict(IS_INT=fmt.is_int, BLOCK_SCALED=fmt.is_block, W_SCALE_ROW=fmt.weight_granularity == "row",
-                  HAS_BIAS=bias is not None)  # fmt: skip
-    tiles = triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n)
-    xss = x_scale.stride()
-    # what Triton specializes on, for the launch cache (M is not specialized; out is a fresh allocation)
-    key = (out_dtype, x_scale.dtype, w_scale.dtype, None if bias is None else bias.dtype,
-           xq.data_ptr() & 15, wq.data_ptr() & 15, x_scale.data_ptr() & 15, w_scale.data_ptr() & 15,
-           0 if bias is None else bias.data_ptr() & 15, n, k, xq.stride(), wq.stride(), xss, ws_stride)  # fmt: skip
-    global last_compiled
-    if use_tma:
-        x_desc = _quant.Tma(xq, (c.block_m, c.block_k))
-        w_desc = _quant.Tma(wq, (c.block_n, c.block_k))
-    else:
-        x_desc = w_desc = None
-    if use_tma and c.persistent:
-        programs = min(tiles, _num_sms(xq.device))
-        args = (x_desc, w_desc, x_scale, w_scale, bias, out, m, n, k, out.stride(0), xss[0], xss[1],
-                ws_stride[0], ws_stride[1])  # fmt: skip
-        last_compiled = _quant.launch(
-            _scaled_mm_persistent_kernel, (programs,), args,
-            dict(**common, MAGIC_I2F=c.magic_i2f, MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                 BLOCK_K=c.block_k, GROUP_M=c.group_m, NUM_PROGRAMS=programs),
-            c.num_warps, c.num_stages, key=key, **opts,
-        )  # fmt: skip
+    sxm, sxk = x.stride()
+    key = (x.dtype, out.dtype, w_scale.dtype, None if bias is None else bias.dtype, x.data_ptr() & 15,
+           wq.data_ptr() & 15, w_scale.data_ptr() & 15, 0 if bias is None else bias.data_ptr() & 15,
+           n, k, sxm, sxk, out.stride(0), ws_stride)  # fmt: skip
+    args = (x, wq, w_scale, bias, out, m, n, k, sxm, sxk, out.stride(0), ws_stride[0], ws_stride[1])
+    return _quant.Spec(
+        _weight_only_kernel, (triton.cdiv(n, c.block_n),), args,
+        dict(W_GRAN=gran, HAS_BIAS=bias is not None, EVEN_K=k % c.block_k == 0,
+             F32_DOT=INTERPRET or x.dtype == torch.float32, MANUAL_RNE=INTERPRET,
+             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+             SUB_K=F.BLOCK if fmt.is_block else c.block_k),
+        c.num_warps, c.num_stages, key=key,
+    )  # fmt: skip
+
+
+def weight_only_linear(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    fmt,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant(wq [N, K])^T + bias for few rows (M <= 128), without quantizing x: one
+    launch that reads the 8-bit weight once. x: bf16 / fp16 / fp32, any strides; out ``out_dtype`` (default
+    x's). More accurate than W8A8 (only the weight is quantized)."""
+    fmt = F.get_format(fmt)
+    m, k = x.shape
+    n = wq.shape[0]
+    check_weight_side(wq, w_scale, fmt, bias, k)
+    if m > 128:
+        raise ShapeError(f"weight_only_linear takes at most 128 rows, got M={m}; use the W8A8 GEMM")
+    out = _quant.empty((m, n), out_dtype or x.dtype, x.device)
+    if m == 0 or n == 0:
         return out
-    args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, m, n, k,
-            xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
-            xss[0], xss[1], ws_stride[0], ws_stride[1])  # fmt: skip
-    last_compiled = _quant.launch(
-        _scaled_mm_kernel, (tiles,), args,
-        dict(**common, USE_TMA=use_tma, EVEN_K=k % c.block_k == 0, DOT2=c.dot2, MAGIC_I2F=c.magic_i2f,
-             MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m),
-        c.num_warps, c.num_stages, key=key, **opts,
-    )  # fmt: skip
+    if k == 0:
+        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    if config is None:
+        from .configs import weight_only_config
+
+        config = weight_only_config(fmt.name, m, n, k)
+    _launch(weight_only_spec(x, wq.contiguous(), w_scale, fmt, bias, out, config))
     return out
-    args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, m, n, k,
-            xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
-            x_scale.stride(0), x_scale.stride(1), ws_stride[0], ws_stride[1])  # fmt: skip
-    last_compiled = _quant.launch(
-        _scaled_mm_kernel, (tiles,), args,
-        dict(**common, USE_TMA=use_tma, EVEN_K=k % c.block_k == 0, DOT2=c.dot2, MAGIC_I2F=c.magic_i2f,
-             MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m),
-        c.num_warps, c.num_stages, **opts,
-    )  # fmt: skip
-    return out
+
+
+def check_weight_side(wq, w_scale, fmt: F.Format, bias, k: int) -> None:
+    """The weight, its scale and the bias of a linear whose activation has K=k; ShapeError naming what is wrong."""
+    if wq.dim() != 2 or wq.shape[1] != k or wq.dtype != fmt.storage:
+        raise ShapeError(f"linear: the activation has K={k} but the {fmt.name} weight is {wq.dtype} {tuple(wq.shape)}")
+    n = wq.shape[0]
+    ok = (tuple(w_scale.shape) == fmt.weight_scale_shape(n, k) if fmt.is_block
+          else w_scale.numel() == (1 if fmt.weight_granularity == "tensor" else n))  # fmt: skip
+    if not ok:
+        raise ShapeError(f"linear {fmt.name}: weight {tuple(wq.shape)} does not go with a scale of shape {tuple(w_scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ShapeError(f"linear: bias has shape {tuple(bias.shape)}, expected ({n},)")

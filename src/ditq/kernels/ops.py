@@ -17,6 +17,8 @@ wrappers directly; only a graph being compiled goes through the registered ops.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .. import formats as F
@@ -24,6 +26,7 @@ from ..errors import ShapeError
 from . import HAS_TRITON, triton_runs_on
 
 if HAS_TRITON:
+    from . import configs as _configs
     from . import gemm as _gemm
     from . import quant as _quant
 
@@ -34,85 +37,278 @@ def _fmt(fmt) -> F.Format:
 
 # ----------------------------------------------------------------------------------------------------------
 # eager implementations (Triton)
+#
+# An eager linear on a GPU is host-bound unless its launches are cheap: Triton's launcher costs tens of
+# microseconds a call. So the first call for a (weight, activation shape) builds a plan: it checks the operands,
+# picks the kernels and their configurations, launches through Triton (compiling if needed) and keeps the
+# ready argument tuples of Triton's C launcher (pointers as integers, so the plan holds no tensor alive; TMA
+# maps encoded once). Later calls with the same key allocate the output and make one or two C calls.
+
+
+def _linear_general(x, wq, w_scale, fmt: F.Format, bias, out_dtype, weight_only: bool):
+    """The linear through the regular wrappers (any device Triton runs on, any strides)."""
+    k = x.shape[-1]
+    _gemm.check_weight_side(wq, w_scale, fmt, bias, k)
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # the kernels read any strides, so no copy for 2-D views
+    if weight_only:
+        y = _gemm.weight_only_linear(x2, wq, w_scale, fmt, bias, out_dtype or x.dtype)
+    else:
+        xq, xs = _quant.act_quant(x2, fmt)
+        # the activation side was made here, so only the weight side above needed checking
+        y = _gemm.scaled_mm(xq, xs, wq, w_scale, fmt, bias, out_dtype or x.dtype, check=False)
+    return y if x.dim() == 2 else y.reshape(*lead, wq.shape[0])
+
+
+def weight_only_max_m(x) -> int:
+    """Rows up to which ``linear`` takes the weight-only kernel: ``configs.WEIGHT_ONLY_MAX_M`` on a GPU. Under
+    the CPU interpreter 0 (the W8A8 result, as the CPU reference computes it) unless ``WEIGHT_ONLY_CPU`` is set."""
+    if x.is_cuda:
+        return _configs.WEIGHT_ONLY_MAX_M
+    return WEIGHT_ONLY_CPU
+
+
+WEIGHT_ONLY_CPU = 0
+"""Row limit of the weight-only path for CPU tensors under the interpreter (tests set it)."""
+
+_X, _XQ, _XQD, _XS, _OUT = (object() for _ in range(5))  # the per-call slots of a plan's argument template
+_PLANS: dict = {}
+_SCRATCH: dict = {}
+_SCRATCH_GEN = [0]
+SCRATCH_MAX_BYTES = 1 << 23
+"""Activations of at most this many bytes (8-bit) are quantized into a buffer kept per (stream, thread, shape)
+instead of fresh allocations: the GEMM that reads it is queued on the same stream before the next write."""
+
+
+class _Plan:
+    """Ready launches of one linear (see above). ``wo``: weight-only (one launch) else act quant + GEMM."""
+
+    __slots__ = ("wo", "aq", "mm", "aq_t", "mm_t", "aq_seg", "mm_seg", "out_shape", "out_dtype", "device",
+                 "stream", "thread", "gen", "scratch_key", "xq_shape", "xs_shape", "storage")  # fmt: skip
+
+
+def _template(spec, bound, marks: dict) -> list:
+    """The C launcher's argument list of ``spec`` in kernel order, tensors as integer pointers except those in
+    ``marks`` (object id -> marker); TMA operands expanded (xq's as the marker _XQD); constexprs appended."""
+    flat, j = [], 0
+    for a in spec.args:
+        if a.__class__ is _quant.Tma:
+            m = marks.get(id(a.t))
+            flat.extend([_XQD] if m is _XQ else bound.tma(j, a.t))
+            j += 1
+        elif isinstance(a, torch.Tensor):
+            flat.append(marks.get(id(a)) or a.data_ptr())
+        else:
+            flat.append(a)
+    return flat + list(bound.tail)
+
+
+def _segments(bound, stream, flat: list) -> list:
+    """Split a template at its per-call slots: [(launcher prefix + args before the first slot), ..., rest]."""
+    segs, cur = [], [*bound.head, stream, *bound.mid]
+    for a in flat:
+        if a is _X or a is _OUT:
+            segs.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(a)
+    segs.append(tuple(cur))
+    return segs
+
+
+def _resolve(p: _Plan, bound, flat: list, xq, xs) -> list:
+    """Fill the activation-side slots of a template with this call's xq / xs."""
+    out = []
+    for a in flat:
+        if a is _XQ:
+            out.append(xq.data_ptr())
+        elif a is _XS:
+            out.append(xs.data_ptr())
+        elif a is _XQD:
+            out.extend(bound.tma(0, xq))
+        else:
+            out.append(a)
+    return out
+
+
+def _scratch(p: _Plan, stream, thread):
+    """Kept (xq, xs) buffers of this plan's activation shape for this stream and thread."""
+    key = (*p.scratch_key, stream, thread)
+    got = _SCRATCH.get(key)
+    if got is None:
+        if len(_SCRATCH) >= 64:  # plans notice the new generation and rebind
+            _SCRATCH.clear()
+            _SCRATCH_GEN[0] += 1
+        got = _SCRATCH[key] = (torch.empty(p.xq_shape, dtype=p.storage, device=p.device),
+                               torch.empty(p.xs_shape, dtype=torch.float32, device=p.device))  # fmt: skip
+    return got
+
+
+def _bind_stream(p: _Plan, stream, thread) -> None:
+    """(Re)build the plan's per-call segments for this stream and thread (and the current scratch buffers).
+    Not called while a CUDA graph is captured (its buffers would come from the graph's pool)."""
+    p.stream, p.thread, p.gen = stream, thread, _SCRATCH_GEN[0]
+    if p.wo:
+        p.mm_seg = _segments(p.mm, stream, p.mm_t)
+        return
+    xq, xs = _scratch(p, stream, thread)
+    p.aq_seg = _segments(p.aq, stream, _resolve(p, p.mm, p.aq_t, xq, xs))
+    p.mm_seg = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, xq, xs))
+
+
+def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
+    """Check the operands, run the linear once through the regular launches, and return (y, plan or None)."""
+    k = x.shape[-1]
+    _gemm.check_weight_side(wq, w_scale, fmt, bias, k)
+    out_dtype = out_dtype or x.dtype
+    try:
+        x2 = x.view(-1, k)
+    except RuntimeError:  # not viewable as 2-D: the regular path copies
+        x2 = None
+    m, n = x.numel() // k if k else 0, wq.shape[0]
+    weight_only = 0 < m <= weight_only_max_m(x) and wq.is_contiguous()
+    if x2 is None or m == 0 or n == 0 or k == 0 or not x.is_cuda or not x.is_floating_point():
+        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, weight_only), None
+    y = _quant.empty((*x.shape[:-1], n), out_dtype, x.device)
+    y2 = y.view(m, n)
+    p = _Plan()
+    p.out_shape, p.out_dtype, p.device, p.wo = tuple(y.shape), out_dtype, x.device, weight_only
+    if weight_only:
+        spec = _gemm.weight_only_spec(x2, wq, w_scale, fmt, bias, y2, _configs.weight_only_config(fmt.name, m, n, k))
+        p.mm = _quant.bind(spec)
+        if p.mm is None:
+            return y, None
+        p.mm_t = _template(spec, p.mm, {id(x2): _X, id(y2): _OUT})
+    else:
+        xq, xs = _quant.empty((m, k), fmt.storage, x.device), _quant.empty(_quant.act_scale_shape(fmt, m, k), torch.float32, x.device)
+        aspec = _quant.act_quant_spec(x2, xq, xs, fmt, False)
+        p.aq = _quant.bind(aspec)
+        mspec = _gemm.scaled_mm_spec(xq, xs, wq, w_scale, fmt, bias, y2, _configs.get_config(fmt.name, m, n, k))
+        p.mm = _quant.bind(mspec)
+        if p.aq is None or p.mm is None:
+            return y, None
+        marks = {id(x2): _X, id(xq): _XQ, id(xs): _XS, id(y2): _OUT}
+        p.aq_t = _template(aspec, p.aq, marks)
+        p.mm_t = _template(mspec, p.mm, marks)
+        p.xq_shape, p.xs_shape, p.storage = tuple(xq.shape), tuple(xs.shape), fmt.storage
+        small = m * k <= SCRATCH_MAX_BYTES
+        p.scratch_key = (x.device.index, p.storage, p.xq_shape, p.xs_shape) if small else None
+    p.stream = p.thread = p.gen = None  # bound at the first call that uses the plan
+    return y, p
+
+
+def clear_plans() -> None:
+    """Forget every launch plan and kept buffer (after changing ``configs.WEIGHT_ONLY_MAX_M``, a config table or
+    ``quant.RAW_LAUNCH``: plans keep the choices they were built with)."""
+    _PLANS.clear()
+    _SCRATCH.clear()
+    _SCRATCH_GEN[0] += 1
 
 
 def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
-    k = x.shape[-1]
-    if wq.dim() != 2 or wq.shape[1] != k or wq.dtype != fmt.storage:
-        raise ShapeError(
-            f"linear: x has K={k} (shape {tuple(x.shape)}) but the {fmt.name} weight is {wq.dtype} {tuple(wq.shape)}"
-        )
-    lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # act_quant reads any strides, so no copy for 2-D views
-    xq, xs = _quant.act_quant(x2, fmt)
-    if bias is not None and bias.shape != (wq.shape[0],):
-        raise ShapeError(f"linear: bias has shape {tuple(bias.shape)}, expected ({wq.shape[0]},)")
-    n = wq.shape[0]
-    if (w_scale.shape != fmt.weight_scale_shape(n, k) if fmt.is_block else w_scale.numel() != (1 if fmt.weight_granularity == "tensor" else n)):
-        raise ShapeError(f"linear {fmt.name}: weight {tuple(wq.shape)} does not go with a scale of shape {tuple(w_scale.shape)}")
-    # the activation side was made here, so only the weight side above needed checking
-    y = _gemm.scaled_mm(xq, xs, wq, w_scale, fmt, bias, out_dtype or x.dtype, check=False)
-    return y if x.dim() == 2 else y.reshape(*lead, wq.shape[0])
+    if not x.is_cuda or _quant.hooked():
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        wo = 0 < m <= weight_only_max_m(x) and wq.is_contiguous()
+        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, wo)
+    xp = x.data_ptr()
+    key = (fmt.name, out_dtype, x.shape, x.stride(), x.dtype, xp & 15, wq.data_ptr(), wq.shape, wq.stride(),
+           wq.dtype, w_scale.data_ptr(), w_scale.shape, w_scale.stride(),
+           None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))  # fmt: skip
+    p = _PLANS.get(key)
+    if p is None:
+        y, p = _build_plan(x, wq, w_scale, fmt, bias, out_dtype)
+        if p is not None:
+            if len(_PLANS) >= 4096:
+                _PLANS.clear()
+            _PLANS[key] = p
+        return y
+    stream = torch._C._cuda_getCurrentRawStream(p.device.index)
+    out = _quant.empty(p.out_shape, p.out_dtype, p.device)
+    op = out.data_ptr()
+    if p.wo:
+        if stream != p.stream:
+            _bind_stream(p, stream, None)
+        s = p.mm_seg
+        p.mm.entry.raw(*s[0], xp, *s[1], op, *s[2])
+    elif p.scratch_key is not None and not torch.cuda.is_current_stream_capturing():
+        thread = threading.get_ident()
+        if stream != p.stream or thread != p.thread or p.gen != _SCRATCH_GEN[0]:
+            _bind_stream(p, stream, thread)
+        a, s = p.aq_seg, p.mm_seg
+        p.aq.entry.raw(*a[0], xp, *a[1])
+        p.mm.entry.raw(*s[0], op, *s[1])
+    else:  # fresh activation buffers (large activations, or a CUDA graph being captured)
+        xq, xs = (_quant.empty(p.xq_shape, p.storage, p.device), _quant.empty(p.xs_shape, torch.float32, p.device))
+        a = _segments(p.aq, stream, _resolve(p, p.mm, p.aq_t, xq, xs))
+        s = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, xq, xs))
+        p.aq.entry.raw(*a[0], xp, *a[1])
+        p.mm.entry.raw(*s[0], op, *s[1])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 # custom ops for torch.compile
+#
+# Registered through torch.library.Library with plain CPU / CUDA kernels and fake (meta) implementations rather
+# than torch.library.custom_op: a compiled graph calls the op once per linear, and custom_op's Python autograd
+# and aliasing wrappers cost ~10 us a call more (measured: bench/NOTES.md). The ops have no autograd formula;
+# gradients through a quantized linear come from the autograd.Function in ditq.tensor around them.
+
+_SCHEMAS = {
+    "act_quant": "act_quant(Tensor x, str fmt) -> (Tensor, Tensor)",
+    "scaled_mm": "scaled_mm(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, str fmt, Tensor? bias, "
+    "ScalarType out_dtype) -> Tensor",
+    "linear": "linear(Tensor x, Tensor wq, Tensor w_scale, str fmt, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    "dequant_weight": "dequant_weight(Tensor q, Tensor scale, str fmt, ScalarType dtype) -> Tensor",
+}
 
 
-def _act_scale_shape(fmt: F.Format, m: int, k: int) -> tuple[int, int]:
-    return (m, k // F.BLOCK) if fmt.is_block else (m, 1)
+def _act_quant_impl(x, fmt):
+    return _quant.act_quant(x, fmt)
+
+
+def _act_quant_fake(x, fmt):
+    f = _fmt(fmt)
+    m, k = x.shape
+    return x.new_empty((m, k), dtype=f.storage), x.new_empty(_quant.act_scale_shape(f, m, k), dtype=torch.float32)
+
+
+def _scaled_mm_impl(xq, x_scale, wq, w_scale, fmt, bias, out_dtype):
+    return _gemm.scaled_mm(xq, x_scale, wq, w_scale, fmt, bias, out_dtype)
+
+
+def _scaled_mm_fake(xq, x_scale, wq, w_scale, fmt, bias, out_dtype):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
+
+
+def _linear_impl(x, wq, w_scale, fmt, bias, out_dtype):
+    return _linear_triton(x, wq, w_scale, _fmt(fmt), bias, out_dtype)
+
+
+def _linear_fake(x, wq, w_scale, fmt, bias, out_dtype):
+    return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+def _dequant_impl(q, scale, fmt, dtype):
+    return _quant.dequant_weight(q, scale, fmt, dtype)
+
+
+def _dequant_fake(q, scale, fmt, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
 
 
 if HAS_TRITON:
-
-    @torch.library.custom_op("ditq::act_quant", mutates_args=())
-    def _act_quant_op(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _quant.act_quant(x, fmt)
-
-    @_act_quant_op.register_fake
-    def _(x, fmt):
-        f = _fmt(fmt)
-        m, k = x.shape
-        return x.new_empty((m, k), dtype=f.storage), x.new_empty(_act_scale_shape(f, m, k), dtype=torch.float32)
-
-    @torch.library.custom_op("ditq::scaled_mm", mutates_args=())
-    def _scaled_mm_op(
-        xq: torch.Tensor,
-        x_scale: torch.Tensor,
-        wq: torch.Tensor,
-        w_scale: torch.Tensor,
-        fmt: str,
-        bias: torch.Tensor | None,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        return _gemm.scaled_mm(xq, x_scale, wq, w_scale, fmt, bias, out_dtype)
-
-    @_scaled_mm_op.register_fake
-    def _(xq, x_scale, wq, w_scale, fmt, bias, out_dtype):
-        return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
-
-    @torch.library.custom_op("ditq::linear", mutates_args=())
-    def _linear_op(
-        x: torch.Tensor,
-        wq: torch.Tensor,
-        w_scale: torch.Tensor,
-        fmt: str,
-        bias: torch.Tensor | None,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        return _linear_triton(x, wq, w_scale, _fmt(fmt), bias, out_dtype)
-
-    @_linear_op.register_fake
-    def _(x, wq, w_scale, fmt, bias, out_dtype):
-        return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=out_dtype)
-
-    @torch.library.custom_op("ditq::dequant_weight", mutates_args=())
-    def _dequant_op(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
-        return _quant.dequant_weight(q, scale, fmt, dtype)
-
-    @_dequant_op.register_fake
-    def _(q, scale, fmt, dtype):
-        return q.new_empty(q.shape, dtype=dtype)
+    _LIB = torch.library.Library("ditq", "FRAGMENT")
+    for _name, (_impl, _fake) in {
+        "act_quant": (_act_quant_impl, _act_quant_fake),
+        "scaled_mm": (_scaled_mm_impl, _scaled_mm_fake),
+        "linear": (_linear_impl, _linear_fake),
+        "dequant_weight": (_dequant_impl, _dequant_fake),
+    }.items():
+        _LIB.define(_SCHEMAS[_name])
+        _LIB.impl(_name, _impl, "CUDA")
+        _LIB.impl(_name, _impl, "CPU")  # the Triton interpreter
+        torch.library.register_fake(f"ditq::{_name}", _fake, lib=_LIB)
 
 
 def _compiling() -> bool:

@@ -77,12 +77,46 @@ class _Compiled:
             self.raw = None
 
 
+class Spec:
+    """Everything one launch needs: ``kernel[grid](*args, **constexprs, num_warps=.., num_stages=.., **options)``.
+    ``key`` captures what Triton specializes the non-constexpr ``args`` on (see ``launch``)."""
+
+    __slots__ = ("kernel", "grid", "args", "constexprs", "num_warps", "num_stages", "key", "options")
+
+    def __init__(self, kernel, grid, args, constexprs, num_warps, num_stages=1, key=None, **options):
+        self.kernel, self.grid, self.args, self.constexprs = kernel, grid, args, constexprs
+        self.num_warps, self.num_stages, self.key, self.options = num_warps, num_stages, key, options
+
+
+class Bound:
+    """A launched specialization with its grid and constexprs fixed: ``bound(stream, *flat)`` launches it again
+    by one call of Triton's C launcher. ``flat`` are the non-constexpr arguments in kernel order, each TMA
+    operand expanded by ``bound.tma(i, tensor)`` (i-th TMA operand). Made by ``bind``; valid for arguments with
+    the same specialization key as the launch it was made from."""
+
+    __slots__ = ("entry", "head", "mid", "tail", "blocks")
+
+    def __init__(self, entry: _Compiled, spec: Spec):
+        g, ck = entry.launcher, entry.ck
+        grid = tuple(spec.grid) + (1, 1)
+        self.entry, self.head, self.tail = entry, grid[:3], tuple(spec.constexprs.values())
+        self.mid = (ck.function, g.launch_cooperative_grid, g.launch_pdl, None, None, ck.packed_metadata, None, None, None)
+        self.blocks = [a.block for a in spec.args if a.__class__ is Tma]
+
+    def tma(self, j: int, t: torch.Tensor) -> list:
+        """The expanded launcher arguments of TMA operand j for tensor ``t`` (cached by address and layout)."""
+        return _encoded(self.entry, j, Tma(t, self.blocks[j]))
+
+    def __call__(self, stream, *flat):
+        self.entry.raw(*self.head, stream, *self.mid, *flat, *self.tail)
+
+
 _COMPILED: dict = {}
 _TMA_MAPS: dict = {}
-RAW_LAUNCH = os.environ.get("DITQ_RAW_LAUNCH", "0") == "1"
-"""Opt-in (DITQ_RAW_LAUNCH=1) until verified on a GPU: launch compiled kernels through the C launcher
-directly. Off, repeated launches still skip Triton's argument binding and cache lookup but go through its
-launcher object (which re-encodes TMA descriptors every call)."""
+RAW_LAUNCH = os.environ.get("DITQ_RAW_LAUNCH", "1") == "1"
+"""Launch compiled kernels through Triton's C launcher directly, with cached TMA maps (default; verified on an
+H200, see bench/NOTES.md). ``DITQ_RAW_LAUNCH=0`` takes Triton's launcher object on every call instead (it
+re-encodes TMA descriptors each time) -- still without Triton's argument binding and cache lookup."""
 
 
 def _encoded(entry: _Compiled, j: int, a: Tma) -> list:
@@ -100,29 +134,44 @@ def _encoded(entry: _Compiled, j: int, a: Tma) -> list:
     return got
 
 
-def _hooked() -> bool:
+def hooked() -> bool:
     """Whether a launch hook (a profiler) is installed: then launches take Triton's regular path. In triton
     3.6 the hook is a HookChain that is never None; it is active when it holds calls."""
     h = triton.knobs.runtime.launch_enter_hook
     return h is not None and bool(getattr(h, "calls", True))
 
 
-def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int = 1, key=None, **options):
-    """``kernel[grid](*args, **constexprs, ...)`` at a fraction of the host time. The first launch of each
-    specialization goes through Triton (compiles, caches); later ones call the C launcher directly, with
-    cached TMA maps. ``key`` must capture what Triton specializes on (dtypes and 16-byte alignment of
-    tensors, integers' divisibility by 16 and equality to 1); without it every argument is inspected.
-    ``constexprs`` must follow the kernel's parameter order (checked at the first launch)."""
+_hooked = hooked
+
+
+def _spec_key(a):
+    """What Triton specializes an argument on (used when the caller gives no key)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() & 15)
+    if a.__class__ is Tma:
+        return (a.t.dtype, a.t.shape[1:], a.t.stride(), a.block)
+    if isinstance(a, int):
+        return (a & 15, a == 1, a > 0x7FFFFFFF)
+    return a
+
+
+def launch(spec: Spec):
+    """Run ``spec`` at a fraction of Triton's host time and return its ``_Compiled`` entry (None under the
+    interpreter). The first launch of each specialization goes through Triton (compiles, caches); later ones
+    call the C launcher directly, with cached TMA maps. ``spec.key`` must capture what Triton specializes on
+    (dtypes and 16-byte alignment of tensors, integers' divisibility by 16 and equality to 1); without it
+    every argument is inspected. ``spec.constexprs`` must follow the kernel's parameter order."""
+    kernel, grid, args, constexprs = spec.kernel, spec.grid, spec.args, spec.constexprs
     if INTERPRET:
         args = tuple(a.descriptor() if a.__class__ is Tma else a for a in args)
-        return kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
+        kernel[grid](*args, **constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages, **spec.options)
+        return None
     dev = torch.cuda.current_device()
-    if key is None:
-        key = tuple([_spec(a) for a in args])
-    key = (kernel, dev, num_warps, num_stages, tuple(options.items()), tuple(constexprs.values()), key)
+    key = spec.key if spec.key is not None else tuple([_spec_key(a) for a in args])
+    key = (kernel, dev, spec.num_warps, spec.num_stages, tuple(spec.options.items()), tuple(constexprs.values()), key)
     entry = _COMPILED.get(key)
     stream = torch._C._cuda_getCurrentRawStream(dev)
-    if RAW_LAUNCH and entry is not None and entry.raw is not None and not _hooked():
+    if RAW_LAUNCH and entry is not None and entry.raw is not None and not hooked():
         flat = []
         j = 0
         for a in args:
@@ -136,23 +185,33 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_stag
             entry.raw(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                       entry.ck.function, g.launch_cooperative_grid, g.launch_pdl, None, None,
                       entry.ck.packed_metadata, None, None, None, *flat, *constexprs.values())  # fmt: skip
-            return entry.ck
+            return entry
         except (TypeError, ValueError, SystemError):  # an argument layout this triton does not take
             entry.raw = None
     full = tuple(a.descriptor() if a.__class__ is Tma else a for a in args)
     if entry is None:
         names = kernel.arg_names[len(args) :]
         assert list(constexprs) == names, f"launch({kernel.fn.__name__}): constexprs must be given in order {names}"
-        ck = kernel[grid](*full, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
-        _COMPILED[key] = _Compiled(ck, args)
-        return ck
+        ck = kernel[grid](*full, **constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages, **spec.options)
+        entry = _COMPILED[key] = _Compiled(ck, args)
+        return entry
     ck = entry.ck
     full = (*full, *constexprs.values())
     enter = triton.knobs.runtime.launch_enter_hook
-    meta = ck.launch_metadata(grid, stream, *full) if _hooked() else None
+    meta = ck.launch_metadata(grid, stream, *full) if hooked() else None
     ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, ck.function,
            ck.packed_metadata, meta, enter, triton.knobs.runtime.launch_exit_hook, *full)  # fmt: skip
-    return ck
+    return entry
+
+
+def bind(spec: Spec) -> Bound | None:
+    """Launch ``spec`` and return a ``Bound`` that relaunches its specialization by one C call, or None where
+    that is not possible (interpreter, a profiler hook, ``DITQ_RAW_LAUNCH=0``, a triton whose launcher
+    differs): then callers keep launching through ``launch``."""
+    entry = launch(spec)
+    if entry is None or entry.raw is None or not RAW_LAUNCH or hooked():
+        return None
+    return Bound(entry, spec)
 
 
 def _rcp(qmax: float) -> float:
@@ -273,6 +332,32 @@ def _act_quant_group_kernel(
     tl.store(s_ptr + row * n_groups + g, scale, mask=g < n_groups)
 
 
+def act_quant_spec(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, fmt: F.Format, exact: bool) -> Spec:
+    """The launch of the activation-quantization kernel of x [M, K] (M, K > 0) into q [M, K] contiguous and
+    s f32 [M, 1] (per token) or [M, K/128] contiguous (block formats; K % 128 == 0 checked by the caller)."""
+    m, k = x.shape
+    sm, sk = x.stride()
+    rcp = _rcp(fmt.qmax) if x.is_cuda else 0.0
+    # what Triton specializes on besides the constexprs (q and s are fresh, aligned, contiguous allocations)
+    key = (x.dtype, x.data_ptr() & 15, k & 15, k == 1, sm & 15, sm == 1, sk & 15, sk == 1, sm > 0x7FFFFFFF)
+    if fmt.act_granularity == "token":
+        block = min(triton.next_power_of_2(k), _MAX_ROW)
+        warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+        return Spec(_act_quant_token_kernel, (m,), (x, q, s, k, sm, sk),
+                    dict(QMAX=fmt.qmax, RCP_QMAX=rcp, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact,
+                         BLOCK_K=block, ONE_PASS=k <= block), warps, key=key)  # fmt: skip
+    groups = k // F.BLOCK
+    gpp = min(triton.next_power_of_2(groups), 32)
+    warps = 4 if gpp <= 16 else 8
+    return Spec(_act_quant_group_kernel, (m, triton.cdiv(groups, gpp)), (x, q, s, k, sm, sk),
+                dict(QMAX=fmt.qmax, RCP_QMAX=rcp, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact,
+                     GROUP=F.BLOCK, GROUPS_PER_PROGRAM=gpp), warps, key=key)  # fmt: skip
+
+
+def act_scale_shape(fmt: F.Format, m: int, k: int) -> tuple[int, int]:
+    return (m, k // F.BLOCK) if fmt.is_block else (m, 1)
+
+
 def act_quant(x: torch.Tensor, fmt, exact_div: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic activation quantization with Triton. x: [M, K] bf16/fp16/fp32, any strides.
 
@@ -283,34 +368,15 @@ def act_quant(x: torch.Tensor, fmt, exact_div: bool | None = None) -> tuple[torc
     if x.dim() != 2:
         raise ShapeError(f"act_quant takes a 2-D [M, K] activation, got shape {tuple(x.shape)}; reshape first")
     m, k = x.shape
+    if fmt.is_block and k % F.BLOCK:
+        raise ShapeError(f"activation has K={k}: format {fmt.name} needs K divisible by {F.BLOCK}")
     exact = INTERPRET if exact_div is None else exact_div
     q = empty((m, k), fmt.storage, x.device)
-    rcp = _rcp(fmt.qmax) if x.is_cuda else 0.0
-    if fmt.act_granularity == "token":
-        s = empty((m, 1), torch.float32, x.device)
-        if m and k:
-            block = min(triton.next_power_of_2(k), _MAX_ROW)
-            warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-            sm, sk = x.stride()
-            launch(_act_quant_token_kernel, (m,), (x, q, s, k, sm, sk),
-                   dict(QMAX=fmt.qmax, RCP_QMAX=rcp, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact,
-                        BLOCK_K=block, ONE_PASS=k <= block), warps,
-                   key=(x.dtype, x.data_ptr() & 15, k & 15, k == 1, sm & 15, sm == 1, sk & 15, sk == 1))  # fmt: skip
-        elif m:
-            s.fill_(F.AMAX_EPS / fmt.qmax)
-        return q, s
-    if k % F.BLOCK:
-        raise ShapeError(f"activation has K={k}: format {fmt.name} needs K divisible by {F.BLOCK}")
-    groups = k // F.BLOCK
-    s = empty((m, groups), torch.float32, x.device)
-    if m and groups:
-        gpp = min(triton.next_power_of_2(groups), 32)
-        warps = 4 if gpp <= 16 else 8
-        sm, sk = x.stride()
-        launch(_act_quant_group_kernel, (m, triton.cdiv(groups, gpp)), (x, q, s, k, sm, sk),
-               dict(QMAX=fmt.qmax, RCP_QMAX=rcp, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact,
-                    GROUP=F.BLOCK, GROUPS_PER_PROGRAM=gpp), warps,
-               key=(x.dtype, x.data_ptr() & 15, k & 15, sm & 15, sm == 1, sk & 15, sk == 1))  # fmt: skip
+    s = empty(act_scale_shape(fmt, m, k), torch.float32, x.device)
+    if m and k:
+        launch(act_quant_spec(x, q, s, fmt, exact))
+    elif m and not fmt.is_block:
+        s.fill_(F.AMAX_EPS / fmt.qmax)
     return q, s
 
 
