@@ -48,12 +48,12 @@ if triton is not None:
 
     @triton.jit
     def _int8_lora_mm(
-        xq_ptr, xs_ptr, wq_ptr, ws_ptr, bias_ptr, xa_ptr, lb_ptr, out_ptr, M, N, K, alpha,
+        xq_ptr, xs_ptr, wq_ptr, ws_ptr, bias_ptr, xa_ptr, lb_ptr, out_ptr, M, N, K,
         R: tl.constexpr, HAS_LORA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        """out[M, N] bf16 = (xq[M, K] i8 @ wq[N, K]^T i8) * xs[M] * ws[N] + bias[N] (+ alpha * xa[M, R] @ lb[N, R]^T).
-        Row-major contiguous operands; M % BM == N % BN == K % BK == 0 (the timed shapes)."""
+        """out[M, N] bf16 = (xq[M, K] i8 @ wq[N, K]^T i8) * xs[M] * ws[N] + bias[N] (+ xa[M, R] @ lb[N, R]^T, the
+        LoRA factor folded into lb). Row-major contiguous operands; M % BM == N % BN == K % BK == 0."""
         pid = tl.program_id(0)
         n_m, n_n = M // BM, N // BN
         group = GROUP_M * n_n
@@ -77,13 +77,13 @@ if triton is not None:
             rr = tl.arange(0, R)
             xa = tl.load(xa_ptr + rm[:, None] * R + rr[None, :])  # [BM, R] bf16
             lb = tl.load(lb_ptr + rn[None, :] * R + rr[:, None])  # [R, BN] bf16
-            y += alpha * tl.dot(xa, lb)
+            y = tl.dot(xa, lb, y)  # accumulate into the output tile: no second [BM, BN] fp32 tile live
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(tl.bfloat16))
 
 
-def proto_linear(xq, xs, wq, ws, bias, xa=None, lb=None, alpha=1.0, cfg=(128, 256, 128, 8, 8, 3)):
-    """Launch the prototype. xq [M, K] int8, xs [M, 1] f32, wq [N, K] int8, ws [N, 1] f32, bias [N] bf16,
-    xa [M, R] bf16, lb [N, R] bf16 (R a multiple of 16)."""
+def proto_linear(xq, xs, wq, ws, bias, xa=None, lb=None, cfg=(128, 256, 128, 8, 8, 3)):
+    """Launch the prototype. xq [M, K] int8, xs [M] f32, wq [N, K] int8, ws [N] f32, bias [N] bf16,
+    xa [M, R] bf16, lb [N, R] bf16 with the LoRA factor folded in (R a multiple of 16)."""
     bm, bn, bk, group_m, warps, stages = cfg
     m, k = xq.shape
     n = wq.shape[0]
@@ -92,7 +92,7 @@ def proto_linear(xq, xs, wq, ws, bias, xa=None, lb=None, alpha=1.0, cfg=(128, 25
     r = xa.shape[1] if has_lora else 16
     dummy = bias
     _int8_lora_mm[((m // bm) * (n // bn),)](
-        xq, xs, wq, ws, bias, xa if has_lora else dummy, lb if has_lora else dummy, out, m, n, k, float(alpha),
+        xq, xs, wq, ws, bias, xa if has_lora else dummy, lb if has_lora else dummy, out, m, n, k,
         R=r, HAS_LORA=has_lora, BM=bm, BN=bn, BK=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages,
     )
     return out
@@ -235,7 +235,8 @@ def _proto(row, bench, x, layer, a, b, xa, r, out):
     if m % 128 or n % 256 or k % 128:
         return
     y_ref = Fn.linear(x, w, layer.bias).double() + 0.5 * (xa.double() @ b.double().t())
-    y = proto_linear(xq, xs.reshape(-1), w.qdata, ws, layer.bias, xa, b, 0.5)
+    b_half = (b.float() * 0.5).to(b.dtype)  # the factor folded into B, as LoraSlot does when packing
+    y = proto_linear(xq, xs.reshape(-1), w.qdata, ws, layer.bias, xa, b_half)
     e = F.relative_error(y, y_ref)
     row["err"][f"proto r{r}"] = e
     if not e < 1e-2:
@@ -248,14 +249,14 @@ def _proto(row, bench, x, layer, a, b, xa, r, out):
 
     def fused():
         q, s = ops.act_quant(x, "int8-row")
-        return proto_linear(q, s.reshape(-1), w.qdata, ws, layer.bias, Fn.linear(x, a), b, 0.5)
+        return proto_linear(q, s.reshape(-1), w.qdata, ws, layer.bias, Fn.linear(x, a), b_half)
 
     if "proto plain" not in row["us"]:
         row["us"]["proto plain"] = bench(plain)
     t = bench(fused)
     row["us"][f"proto fused r{r}"] = t
     row["overhead_pct"][f"proto fused r{r}"] = _overhead(t, row["us"]["proto plain"])
-    t_epi = bench(lambda: proto_linear(xq, xs.reshape(-1), w.qdata, ws, layer.bias, xa, b, 0.5))
+    t_epi = bench(lambda: proto_linear(xq, xs.reshape(-1), w.qdata, ws, layer.bias, xa, b_half))
     t_gemm = bench(lambda: proto_linear(xq, xs.reshape(-1), w.qdata, ws, layer.bias))
     row["overhead_pct"][f"proto epilogue only r{r}"] = _overhead(t_epi, t_gemm)
 

@@ -34,6 +34,7 @@ _LAZY = {
     "set_lora_scale": "ditq.nn.lora",
     "enable_lora": "ditq.nn.lora",
     "disable_lora": "ditq.nn.lora",
+    "lora_adapters": "ditq.nn.lora",
     "autoquant_": "ditq.nn.autoquant",
 }
 

@@ -387,7 +387,7 @@ def test_dynamic_under_torch_compile_and_autograd():
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a graph break fails
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))
-        L.set_lora_scale(model, "a", 3.0)
+        L.set_lora_scale(compiled, "a", 3.0)  # the compiled wrapper is accepted for the model
         assert torch.equal(compiled(x), model(x))
         ref = model[0].weight.linear(x, model[0].bias).double() + _branch(x, a, b, 3.0)
         assert F.relative_error(compiled(x), ref) < 2e-2

@@ -396,7 +396,8 @@ def _convert_pending(loader, pending: dict) -> tuple[dict, dict[str, str]]:
         try:
             converted.update(_convert(loader, group))
         except Exception as e:  # noqa: BLE001
-            why = f"diffusers {loader.__name__} cannot convert it: {type(e).__name__}: {' '.join(str(e).split())}"[:300]
+            msg = " ".join(str(e).split()) or "no message (diffusers' converters assume the full-size model's shapes)"
+            why = f"diffusers {loader.__name__} cannot convert it: {type(e).__name__}: {msg}"[:300]
             failed.update(dict.fromkeys(group, why))
     return converted, failed
 
@@ -575,6 +576,7 @@ def _lora_hook(module: nn.Module, args, kwargs, output):
 
 
 def _slots(model: nn.Module) -> list[tuple[str, nn.Module, LoraSlot]]:
+    model = getattr(model, "_orig_mod", model)
     return [(name, m, m.ditq_lora) for name, m in model.named_modules() if isinstance(getattr(m, "ditq_lora", None), LoraSlot)]
 
 
@@ -601,6 +603,7 @@ def _detach(module: nn.Module, slot: LoraSlot) -> None:
 
 
 def _merged_registry(model: nn.Module) -> dict[str, dict]:
+    model = getattr(model, "_orig_mod", model)
     reg = model.__dict__.get("_ditq_merged_loras")
     if reg is None:
         reg = model.__dict__["_ditq_merged_loras"] = {}
@@ -648,6 +651,7 @@ def apply_lora(
     if not isinstance(model, nn.Module):
         hint = " (for a diffusers pipeline pass pipe.transformer)" if hasattr(model, "components") else ""
         raise DitqError(f"apply_lora needs a torch.nn.Module, got {type(model).__name__}{hint}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: names are the inner model's
     if mode not in MODES:
         raise DitqError(f"unknown LoRA mode {mode!r}; choose 'merge' (fold into the weights) or 'dynamic'")
     scale = float(scale)
