@@ -206,12 +206,12 @@ def clear_plans() -> None:
 
 
 def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
-    if not x.is_cuda or _quant.hooked():
+    if not x.is_cuda or not _quant.RAW_LAUNCH or _quant.hooked():
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         wo = 0 < m <= weight_only_max_m(x) and wq.is_contiguous()
         return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, wo)
     xp = x.data_ptr()
-    key = (fmt.name, out_dtype, x.shape, x.stride(), x.dtype, xp & 15, wq.data_ptr(), wq.shape, wq.stride(),
+    key = (fmt.name, out_dtype, _configs.WEIGHT_ONLY_MAX_M, x.shape, x.stride(), x.dtype, xp & 15, wq.data_ptr(), wq.shape, wq.stride(),
            wq.dtype, w_scale.data_ptr(), w_scale.shape, w_scale.stride(),
            None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))  # fmt: skip
     p = _PLANS.get(key)
