@@ -317,6 +317,14 @@ class _SvdObjective(_Objective):
         return 2.0 * self.u @ (self.u.t() @ d @ self.v) @ self.v.t()
 
 
+def auto_damping(k: int, tokens: int) -> float:
+    """GPTQ damping (fraction of mean diag H added to H) for a moment estimated from ``tokens`` rows of K
+    features: the fewer rows a feature, the more of H is estimation noise that GPTQ would fit, so the more
+    damping. 0.4 K / tokens clamped to [0.02, 0.3] is within ~3 points of the best held-out reduction of
+    {0.01, 0.03, 0.1, 0.3} over 2-32 tokens per feature on the structured test layers (bench/NOTES.md)."""
+    return min(0.3, max(0.02, 0.4 * k / max(tokens, 1)))
+
+
 def svd_rank(n: int, k: int, rank_fraction: float, min_rank: int, max_rank: int) -> int:
     r = int(round(rank_fraction * min(n, k)))
     return max(1, min(min(n, k), max(min_rank, min(max_rank, r))))
@@ -528,7 +536,7 @@ def learned_quantize(
     optimize_scale: bool = True,
     heldout: torch.Tensor | None = None,
     seed: int = 0,
-    damping: float = 0.01,
+    damping: float | None = None,
     block_size: int = 128,
     act_order: bool = True,
     lr: float = 0.05,
@@ -541,16 +549,18 @@ def learned_quantize(
     scale f32 of the format's shape, report dict), both tensors on w's device.
 
     calibration: LayerStats, CalibrationStats (looked up by ``name``), activation rows [M, K] (20% are held
-    out), or None. objective: "activation" (needs calibration), "weight" or "svd" (data-free, opt-in), "auto"
-    (activation when calibration is there, else nearest: unchecked data-free rounding can be worse). optimizer/iters: see the module docstring (iters defaults to 0 extra
-    sweeps for "original": they lower the calibration objective but not the held-out error; 100 steps for
-    "adamw"/"radam"). heldout: input rows [S, K] to judge the result on (default: the calibration
-    sample); the report's ``*_learned`` fields describe the learned candidate even when it was rejected. bias: the layer's bias [N]; with a calibration mean the report then
-    holds ``corrected_bias`` when correcting it lowers the held-out error (or, without held-out rows,
-    always). min_tokens: with objective "auto", layers whose statistics hold fewer than min_tokens x K tokens
-    use the data-free "weight" objective judged on the held-out rows, or nearest when there are none
-    (report["note"] says so). device: where to compute (default CUDA
-    when available)."""
+    out), or None. objective: "activation" (needs calibration), "weight" or "svd" (data-free, opt-in),
+    "auto" (activation when calibration is there, else nearest: unchecked data-free rounding can be worse).
+    optimizer / iters: see the module docstring (iters defaults to 0 extra sweeps for "original": they lower
+    the calibration objective but not the held-out error; 100 steps for "adamw" / "radam").
+    heldout: input rows [S, K] to judge the result on (default: the calibration sample); the report's
+    ``*_learned`` fields describe the learned candidate even when it was rejected.
+    bias: the layer's bias [N]; with a calibration mean the report then holds ``corrected_bias`` when the
+    correction lowers the held-out error (or, without held-out rows, always).
+    damping: GPTQ's damping as a fraction of mean diag H (default ``auto_damping(K, tokens)``).
+    min_tokens: with objective "auto", layers whose statistics hold fewer than min_tokens x K tokens use
+    the data-free "weight" objective judged on the held-out rows, or nearest when there are none
+    (report["note"] says so). device: where to compute (default CUDA when available)."""
     t0 = time.perf_counter()
     fmt = F.get_format(fmt)
     F.check_weight(w, fmt, name)
@@ -588,6 +598,8 @@ def learned_quantize(
     x_held = heldout.to(dev, torch.float32).reshape(-1, k) if heldout is not None else None
 
     rank = None
+    if damping is None:
+        damping = auto_damping(k, stats.count) if objective == "activation" else 0.1
     if objective == "activation":
         obj: _Objective = _ActivationObjective(stats.hessian(dev, torch.float32))
     elif objective == "weight":
@@ -628,7 +640,7 @@ def learned_quantize(
 
     report = {
         "name": name, "format": fmt.name, "objective": objective, "optimizer": optimizer, "rank": rank,
-        "iterations": iterations, "scale": scale_kind,
+        "iterations": iterations, "scale": scale_kind, "damping": damping,
         "objective_nearest": obj_nearest, "objective_learned": obj_learned,
         "heldout_rows": 0 if x_held is None else int(x_held.shape[0]),
         "heldout_mse_nearest": None, "heldout_mse_learned": None, "heldout_reduction": None,

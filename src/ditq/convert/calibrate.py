@@ -52,7 +52,7 @@ class _Accumulator:
         x = x.detach().reshape(-1, self.k).float()
         self.adds += 1
         m = x.shape[0]
-        take = min(self.sample_per_call, m // 2)  # the moment keeps at least half of every call's rows
+        take = min(self.sample_per_call, m // 8)  # the moment keeps at least 7/8 of every call's rows
         if take > 0:
             idx = torch.randperm(m, generator=self.gen)[:take].to(x.device)
             keep = torch.ones(m, dtype=torch.bool, device=x.device)
