@@ -37,7 +37,6 @@ count.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 

@@ -224,7 +224,8 @@ def random_inputs(model: nn.Module, timesteps=(0.9, 0.6, 0.3, 0.1), batches: int
                              encoder_hidden_states=rnd(1, text_tokens, cfg.joint_attention_dim),
                              pooled_projections=rnd(1, cfg.pooled_projection_dim),
                              timestep=torch.full((1,), t, device=device, dtype=dtype),
-                             img_ids=ids.to(device, dtype), txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype))
+                             img_ids=ids.to(device, dtype),
+                             txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype))
                 if cfg.guidance_embeds:
                     batch["guidance"] = torch.full((1,), 3.5, device=device, dtype=dtype)
             elif cls == "SD3Transformer2DModel":
@@ -285,7 +286,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "returning an nn.Module")
     p.add_argument("-o", "--output", required=True, help="statistics file to write (.safetensors)")
     p.add_argument("--inputs", help="module:function(model) returning the batches (dicts of forward() arguments); "
-                                    "default: random latents at --timesteps (Flux, SD3 only; a smoke test, not real calibration)")
+                                    "default: random latents at --timesteps (Flux, SD3 only; a smoke test, "
+                                    "not real calibration)")
     p.add_argument("--forward", help="module:function(model, batch) running one forward (default model(**batch))")
     p.add_argument("--timesteps", default="0.9,0.7,0.5,0.3,0.1", help="schedule fractions for random inputs")
     p.add_argument("--batches", type=int, default=2, help="random batches per timestep")
@@ -301,7 +303,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     out = Path(args.output)
     if not out.parent.is_dir():
         raise CheckpointError(f"output folder {out.parent} does not exist; create it first")
