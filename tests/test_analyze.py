@@ -6,18 +6,16 @@ import sys
 import pytest
 import torch
 
+from checkpoint.fixtures_ckpt import reference_kernels  # noqa: F401 (fixture)
 from checkpoint.fixtures_ckpt import fresh_gen, save, small_model
-from ditq import cli, kernels
+from ditq import cli
 from ditq import formats as F
 from ditq.analyze import SPEED_ORDER, TOLERANCE, analyze_checkpoint, recommend
 from ditq.checkpoint.policy import outlier_ratio
 from ditq.convert import convert_checkpoint
 from ditq.errors import DitqError
 
-
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", False)  # see tests/convert/conftest.py
+pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 
 @pytest.fixture
@@ -45,7 +43,7 @@ def test_per_layer_errors_and_outliers(model):
                 continue
             q, s = F.quantize_weight_ref(sd[key], f)
             expected = F.relative_error(F.dequantize_ref(q, s, f, torch.float32), w)
-            assert r.errors[f] == pytest.approx(expected, rel=1e-6), (key, f, seed)
+            assert r.errors[f] == pytest.approx(expected, rel=1e-5), (key, f, seed)  # float32 norms
         assert r.outliers["row"] == pytest.approx(outlier_ratio(w, "int8-row"), rel=1e-6)
         assert r.recommended == recommend(r.errors, 0.05) != "keep"
 

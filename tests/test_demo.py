@@ -4,22 +4,19 @@ import sys
 
 import pytest
 
-from ditq import cli, kernels
+from checkpoint.fixtures_ckpt import reference_kernels  # noqa: F401 (fixture)
+from ditq import cli
 from ditq.demo import DEMO_CONFIG, run_demo
 from ditq.verify import verify_checkpoint
 
-pytest.importorskip("diffusers")  # an optional dependency; the CI environment installs it
+pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 SMALL = {**DEMO_CONFIG, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2,
          "joint_attention_dim": 256, "pooled_projection_dim": 128}
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", False)  # see tests/convert/conftest.py
-
-
 def test_demo_runs_end_to_end(tmp_path):
+    pytest.importorskip("diffusers")  # optional dependency (installed for CI; absent on the GPU machines)
     lines = []
     res = run_demo(tmp_path, config=SMALL, image_side=4, text_tokens=8, repeats=1, log=lines.append)
     text = "\n".join(lines)

@@ -7,15 +7,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from checkpoint.fixtures_ckpt import reference_kernels  # noqa: F401 (fixture)
 from checkpoint.fixtures_ckpt import comfy_bytes, fresh_gen, rand, save, small_model
-from ditq import cli, kernels
+from ditq import cli
 from ditq.convert import convert_checkpoint
 from ditq.verify import verify_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", False)  # see tests/convert/conftest.py
+pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import torch
 
 from . import formats as F
 from .checkpoint import layout as L
-from .checkpoint.io import open_checkpoint
+from .checkpoint.io import open_checkpoint, release_memory
 from .checkpoint.policy import PRESETS, Policy, outlier_ratio
 from .convert.convert import _num, _size, count_nonfinite, resolve_device, weight_error, write_json
 from .errors import DitqError
@@ -151,6 +151,8 @@ def analyze_checkpoint(src, *, formats=None, format: str = "int8-row", preset: s
         for e, w in L.prefetch(gen, 2):
             # float32 once: every format's quantizer and error would convert it again (exact for bf16/fp16)
             rep.layers.append(_analyze_one(e, w.to(dev, torch.float32), fmts, pol, max_error))
+            del w
+            release_memory()
             if bar is not None:
                 bar.update(e.nbytes)
         if bar is not None:

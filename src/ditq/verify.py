@@ -21,7 +21,7 @@ import torch
 
 from . import formats as F
 from .checkpoint import layout as L
-from .checkpoint.io import open_checkpoint
+from .checkpoint.io import open_checkpoint, release_memory
 from .checkpoint.policy import Policy
 from .convert.convert import weight_error_stats, write_json
 from .tensor import QuantizedTensor
@@ -139,6 +139,8 @@ def verify_checkpoint(src, dst, rounding: str | None = None) -> VerifyReport:
             d_val = L.load(dck, e, dtype)
             s_val = L.load(sck, se, dtype)
             report.checks.append(_check_entry(e, d_val, s_val, limit))
+            del d_val, s_val
+            release_memory()
 
         missing = [k for k in s_entries if k not in {e.key for e in dlay.entries}]
         if missing:

@@ -12,10 +12,20 @@ import json
 import secrets
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from ditq import formats as F
+from ditq import kernels
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Run ditq's pure-torch reference instead of the Triton interpreter on the CPU (~0.5 s a launch):
+    the same math, which the kernel tests compare the kernels against. Test modules that quantize many
+    layers import it (and make it autouse)."""
+    monkeypatch.setattr(kernels, "INTERPRET", False)
 
 
 def fresh_gen() -> tuple[torch.Generator, int]:

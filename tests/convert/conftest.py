@@ -1,19 +1,19 @@
-"""Converter tests quantize many small layers. Under TRITON_INTERPRET each kernel launch costs ~0.5 s on
-the CPU, so these tests run ditq's pure-torch reference (the same math, which the kernel tests compare the
-kernels against); ``interpreted_kernels`` switches one end-to-end test back to the Triton kernels."""
+"""Converter tests quantize many small layers: they run ditq's pure-torch reference instead of the Triton
+interpreter (see ``reference_kernels``); ``interpreted_kernels`` switches one end-to-end test back."""
+
+import os
 
 import pytest
 
+from checkpoint.fixtures_ckpt import reference_kernels  # noqa: F401 (fixture)
 from ditq import kernels
 
 
 @pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", False)
+def _reference(reference_kernels):  # noqa: F811
+    pass
 
 
 @pytest.fixture
 def interpreted_kernels(monkeypatch):
-    import os
-
     monkeypatch.setattr(kernels, "INTERPRET", os.environ.get("TRITON_INTERPRET") == "1")

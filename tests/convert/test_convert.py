@@ -341,3 +341,17 @@ def test_learned_rounding_hook_reports_cleanly_when_missing(tmp_path):
     else:  # once learned rounding exists, the converter passes the option through to quantize_weight
         rep = convert(src, tmp_path / "dst.safetensors", rounding="learned", measure_error=True)
         assert rep.count("quantized") == len(QUANTIZABLE)
+
+
+@pytest.mark.parametrize("fmt", ["int8-row", "int8-block", "fp8-row", "fp8-block", "fp8-tensor"])
+def test_cpu_slices_give_the_same_codes(monkeypatch, fmt):
+    from ditq.checkpoint.policy import Decision
+    from ditq.convert import convert as C
+
+    gen, seed = fresh_gen()
+    w = rand((640, 256), gen)
+    monkeypatch.setattr(C, "CPU_CHUNK_ELEMENTS", 128 * 256)  # 5 slices of 128 rows
+    got = C.nearest_quantizer("w", w, Decision("quantize", "", fmt))
+    ref = ditq.quantize_weight(w, fmt)
+    assert got.format == fmt and got.dtype == w.dtype and got.scale.shape == ref.scale.shape
+    assert torch.equal(got.qdata.view(torch.uint8), ref.qdata.view(torch.uint8)) and torch.equal(got.scale, ref.scale), seed

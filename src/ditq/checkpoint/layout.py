@@ -246,96 +246,99 @@ def scan(ckpt: Checkpoint) -> Layout:
     Raises CheckpointError for inconsistent files and UnsupportedFormatError for formats ditq does not
     implement, naming the file and tensor."""
     ditq_meta = _parse_header_json(ckpt.path, ckpt.metadata, DITQ_METADATA_KEY)
-    qmeta, header_layers = {}, {}
-    for meta in ckpt.file_metadata or [ckpt.metadata]:  # shards each list their own layers
-        part = _parse_header_json(ckpt.path, meta, QUANT_METADATA_KEY)
-        layers = part.get("layers", {}) if part else {}
-        if not isinstance(layers, dict):
-            raise CheckpointError(f"{ckpt.path}: {QUANT_METADATA_KEY} has no 'layers' object")
-        qmeta = qmeta or part
-        header_layers.update({k: ({"format": v} if isinstance(v, str) else v) for k, v in layers.items()})
-
+    has_header, header_layers = _header_layers(ckpt)
     tensor_layers = {
         layer_of(k): decode_comfy_quant(ckpt.get(k), _where(ckpt, k)) for k in ckpt.names if k.endswith(".comfy_quant")
     }
     confs = {**tensor_layers, **header_layers}  # ComfyUI rebuilds .comfy_quant from the header when present
-    consumed: set[str] = {k for k in ckpt.names if k.endswith(".comfy_quant")}
-    legacy_layers: dict[str, dict] = {}
-    renamed: dict[str, str] = {}  # legacy L.scale_input -> L.input_scale
-    skipped_inputs: list[str] = []
+    consumed = {k for k in ckpt.names if k.endswith(".comfy_quant")}
     kind = "comfy" if confs else "plain"
-
-    markers = [k for k in ckpt.names if k == "scaled_fp8" or k.endswith(".scaled_fp8")]
-    if markers and not qmeta:
+    legacy_layers, renamed, skipped_inputs = {}, {}, []
+    if not has_header and any(k == "scaled_fp8" or k.endswith(".scaled_fp8") for k in ckpt.names):
         kind = "legacy-scaled-fp8"
-        for m in markers:
-            consumed.add(m)
-            if ckpt.info(m).dtype == torch.float8_e5m2:
-                raise UnsupportedFormatError(
-                    f"{_where(ckpt, m)}: a legacy scaled float8_e5m2 checkpoint; ditq implements e4m3fn only. "
-                    f"Convert the original checkpoint with `ditq convert`"
-                )
-        for k in ckpt.names:
-            if k.endswith(".scale_weight"):
-                layer = k[: -len(".scale_weight")]
-                legacy_layers[layer] = {"format": "float8_e4m3fn"}
-                consumed.add(k)
-            elif k.endswith(".scale_input"):
-                consumed.add(k)
-                layer = k[: -len(".scale_input")]
-                t = ckpt.get(k)
-                if t.numel() == 1 and float(t.float().reshape(())) == 1.0:
-                    skipped_inputs.append(k)  # ComfyUI drops unit input scales too
-                else:
-                    renamed[f"{layer}.input_scale"] = k
+        legacy_layers, renamed, skipped_inputs, used = _legacy_scaled_fp8(ckpt)
+        consumed |= used
 
-    entries: list[Entry] = []
-    for layer, conf in {**confs, **legacy_layers}.items():
-        legacy = layer in legacy_layers
-        wkey, skey = f"{layer}.weight", f"{layer}.scale_weight" if legacy else f"{layer}.weight_scale"
-        where = _where(ckpt, wkey)
-        if wkey not in ckpt:
-            raise CheckpointError(f"{ckpt.path}: layer {layer!r} has a quantization config but no tensor {wkey!r}")
-        if skey not in ckpt:
-            raise CheckpointError(f"{where}: quantized ({conf.get('format')}) but {skey!r} is missing")
-        fmt = format_of(conf, where)
-        winfo, sinfo = ckpt.info(wkey), ckpt.info(skey)
-        if len(winfo.shape) != 2:
-            raise CheckpointError(f"{where}: quantized weight has shape {list(winfo.shape)}; expected [N, K]")
-        n, k = winfo.shape
-        storage_ok = winfo.dtype == fmt.storage or (not fmt.is_int and winfo.dtype == torch.uint8)
-        if not storage_ok:
-            raise CheckpointError(
-                f"{where}: format {conf.get('format')} stores {fmt.storage}, but the tensor is {winfo.dtype}"
-            )
-        if not sinfo.dtype.is_floating_point:
-            raise CheckpointError(f"{_where(ckpt, skey)}: scale has dtype {sinfo.dtype}; expected float32")
-        if fmt.name == "fp8-tensor" and sinfo.numel == n and n > 1:
-            fmt = F.get_format("fp8-row")  # a per-row scale under the per-tensor format string
-        partial = fmt.is_block and (n % F.BLOCK or k % F.BLOCK) and (
-            tuple(sinfo.shape) == (math.ceil(n / F.BLOCK), math.ceil(k / F.BLOCK))
-        )
-        if not partial and not _scale_fits(sinfo.shape, fmt, n, k):
-            raise _scale_mismatch(sinfo.shape, fmt, n, k, _where(ckpt, skey))
-        consumed.update((wkey, skey))
-        entries.append(
-            Entry(wkey, (n, k), winfo.dtype, [wkey, skey], winfo.nbytes + sinfo.nbytes, fmt, conf, partial, legacy)
-        )
-
-    by_source = {e.sources[0]: e for e in entries}
+    entries = [_quantized_entry(ckpt, layer, conf, legacy=False) for layer, conf in confs.items()]
+    entries += [_quantized_entry(ckpt, layer, conf, legacy=True) for layer, conf in legacy_layers.items()]
+    for e in entries:
+        consumed.update(e.sources)
+    by_first = {e.sources[0]: e for e in entries}
     ordered: list[Entry] = []
     for k in ckpt.names:  # file order, so reads stay sequential
-        if k in by_source:
-            ordered.append(by_source[k])
-        elif k in consumed:
-            continue
-        else:
+        if k in by_first:
+            ordered.append(by_first[k])
+        elif k not in consumed:
             info = ckpt.info(k)
             ordered.append(Entry(k, info.shape, info.dtype, [k], info.nbytes))
     for new_key, old_key in renamed.items():
         info = ckpt.info(old_key)
         ordered.append(Entry(new_key, info.shape, info.dtype, [old_key], info.nbytes))
     return Layout(ordered, kind, header_layers, tensor_layers, ditq_meta, skipped_inputs)
+
+
+def _header_layers(ckpt: Checkpoint) -> tuple[bool, dict[str, dict]]:
+    """(whether any file has ``_quantization_metadata``, its layers merged over the shards)."""
+    found, layers = False, {}
+    for meta in ckpt.file_metadata or [ckpt.metadata]:  # each shard lists its own layers
+        part = _parse_header_json(ckpt.path, meta, QUANT_METADATA_KEY)
+        found = found or QUANT_METADATA_KEY in meta
+        part_layers = part.get("layers", {})
+        if not isinstance(part_layers, dict):
+            raise CheckpointError(f"{ckpt.path}: {QUANT_METADATA_KEY} has no 'layers' object")
+        layers.update({k: ({"format": v} if isinstance(v, str) else v) for k, v in part_layers.items()})
+    return found, layers
+
+
+def _legacy_scaled_fp8(ckpt: Checkpoint):
+    """Legacy "scaled fp8": (layers {L: conf}, {L.input_scale: L.scale_input}, dropped unit input scales,
+    consumed keys). As ComfyUI converts them: every ``L.scale_weight`` makes L a float8_e4m3fn layer;
+    ``L.scale_input`` becomes ``L.input_scale`` unless it is 1.0."""
+    layers, renamed, skipped, used = {}, {}, [], set()
+    for k in ckpt.names:
+        if k == "scaled_fp8" or k.endswith(".scaled_fp8"):
+            used.add(k)
+            if ckpt.info(k).dtype == torch.float8_e5m2:
+                raise UnsupportedFormatError(
+                    f"{_where(ckpt, k)}: a legacy scaled float8_e5m2 checkpoint; ditq implements e4m3fn only. "
+                    f"Convert the original checkpoint with `ditq convert`"
+                )
+        elif k.endswith(".scale_weight"):
+            layers[k[: -len(".scale_weight")]] = {"format": "float8_e4m3fn"}
+        elif k.endswith(".scale_input"):
+            used.add(k)
+            t = ckpt.get(k)
+            if t.numel() == 1 and float(t.float().reshape(())) == 1.0:
+                skipped.append(k)
+            else:
+                renamed[f"{k[: -len('.scale_input')]}.input_scale"] = k
+    return layers, renamed, skipped, used
+
+
+def _quantized_entry(ckpt: Checkpoint, layer: str, conf: dict, legacy: bool) -> Entry:
+    """The entry of one quantized layer, validated against its config (header data only)."""
+    wkey, skey = f"{layer}.weight", f"{layer}.scale_weight" if legacy else f"{layer}.weight_scale"
+    where = _where(ckpt, wkey)
+    if wkey not in ckpt:
+        raise CheckpointError(f"{ckpt.path}: layer {layer!r} has a quantization config but no tensor {wkey!r}")
+    if skey not in ckpt:
+        raise CheckpointError(f"{where}: quantized ({conf.get('format')}) but {skey!r} is missing")
+    fmt = format_of(conf, where)
+    winfo, sinfo = ckpt.info(wkey), ckpt.info(skey)
+    if len(winfo.shape) != 2:
+        raise CheckpointError(f"{where}: quantized weight has shape {list(winfo.shape)}; expected [N, K]")
+    n, k = winfo.shape
+    if winfo.dtype != fmt.storage and not (not fmt.is_int and winfo.dtype == torch.uint8):  # old tools: fp8 as bytes
+        raise CheckpointError(f"{where}: format {conf.get('format')} stores {fmt.storage}, but the tensor is {winfo.dtype}")
+    if not sinfo.dtype.is_floating_point:
+        raise CheckpointError(f"{_where(ckpt, skey)}: scale has dtype {sinfo.dtype}; expected float32")
+    if fmt.name == "fp8-tensor" and sinfo.numel == n and n > 1:
+        fmt = F.get_format("fp8-row")  # a per-row scale under the per-tensor format string
+    partial = bool(fmt.is_block and (n % F.BLOCK or k % F.BLOCK)
+                   and tuple(sinfo.shape) == (math.ceil(n / F.BLOCK), math.ceil(k / F.BLOCK)))
+    if not partial and not _scale_fits(sinfo.shape, fmt, n, k):
+        raise _scale_mismatch(sinfo.shape, fmt, n, k, _where(ckpt, skey))
+    return Entry(wkey, (n, k), winfo.dtype, [wkey, skey], winfo.nbytes + sinfo.nbytes, fmt, conf, partial, legacy)
 
 
 def default_dtype(layout: Layout) -> torch.dtype:
