@@ -248,7 +248,7 @@ def plot(rep: AnalyzeReport, path: str) -> None:
     ax1.set_ylabel("relative weight error (%)")
     ax1.set_xlabel("layer (file order; grey: kept by the preset)")
     ax1.set_title(f"ditq analyze: {rep.src}")
-    ax1.legend(ncol=len(rep.formats), fontsize=8)
+    ax1.legend(ncol=len(rep.formats), fontsize=8, loc="best")
     pols = rep.totals["policies"]
     unit, div = ("GB", 1e9) if rep.totals["original_bytes"] >= 1e9 else ("MB", 1e6)
     names = ["original"] + list(pols)
