@@ -96,7 +96,9 @@ def check_weight(w: torch.Tensor, fmt: Format, name: str | None = None) -> None:
             f"{what} has shape [{n}, {k}]: format {fmt.name} needs both dimensions divisible by {BLOCK}; "
             f"use int8-row / fp8-row for this layer or keep it in high precision"
         )
-    if not bool(torch.isfinite(w).all()):
+    # NaN and Inf propagate through a sum, so one reduction clears the common case; only a non-finite
+    # sum (a bad value, or an overflow of large finite ones) pays for the element-wise check
+    if not bool(torch.isfinite(w.sum(dtype=torch.float32))) and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s); fix the checkpoint or keep this layer unquantized")
 
