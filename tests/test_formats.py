@@ -198,3 +198,12 @@ def test_rotation_preserves_the_product_and_tames_outliers():
     rot = F.linear_ref(F.rotate(x, gs), *F.quantize_weight_ref(F.rotate(w, gs), "int8-row"), "int8-row",
                        out_dtype=torch.float64)
     assert F.relative_error(rot, ref) < 0.5 * F.relative_error(plain, ref)
+
+
+def test_large_finite_weights_are_not_mistaken_for_non_finite():
+    w = torch.full((128, 128), 3e38)  # the float32 sum overflows; every value is finite
+    q, s = F.quantize_weight_ref(w, "int8-row")
+    assert torch.isfinite(s).all() and torch.all(q == 127)
+    w[5, 9] = math.nan
+    with pytest.raises(ditq.NonFiniteError):
+        F.quantize_weight_ref(w, "int8-row")
