@@ -143,13 +143,14 @@ def _weight_only_ref(x, wq, ws, fmt, bias):
 def test_weight_only_matches_float64(fmt, poisoned, seed):
     """Few-row kernel (x unquantized): against the float64 product with the dequantized weight (exact products,
     fp32 sums: the out dtype's rounding bound) and against the unquantized float64 product (the format's bound).
-    Odd M, N and K tails, strided x, all three x dtypes, both K steps (block formats: 2 scaled sub-blocks)."""
+    Odd M, N and K tails, strided x, all three x dtypes, both K steps (block formats: 2 scaled sub-blocks),
+    split K (the last program of a tile sums the slices' partials) and not."""
     f = F.get_format(fmt)
     m, n, k = (7, 256, 384) if f.is_block else (7, 75, 203)
     w = torch.randn(n, k, device=DEV) * 0.05
     wq, ws = F.quantize_weight_ref(w, f)
     bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
-    cfgs = [Config(16, 32, 128, 1, 4, 1), Config(16, 16, 256, 1, 4, 2)]
+    cfgs = [Config(16, 32, 128, 1, 4, 1, split_k=3), Config(16, 16, 256, 1, 4, 2)]  # K split in 2-3 slices
     cases = [(torch.bfloat16, torch.bfloat16, bias, 0), (torch.float16, torch.float32, None, 1),
              (torch.float32, torch.float32, bias, 1)]  # fmt: skip
     for (x_dtype, out_dtype, b, ci) in cases:
@@ -160,6 +161,8 @@ def test_weight_only_matches_float64(fmt, poisoned, seed):
         assert err < max(TOL[out_dtype], 1e-5), f"seed {seed} {x_dtype} {cfgs[ci]}: rel err {err:.2e}"
         truth = x.double() @ w.double().t() + (0 if b is None else b.double())
         assert F.relative_error(y, truth) < (0.025 if f.is_int else 0.06), f"seed {seed}"
+    # the split's counters are back at zero (the next launch on the stream relies on it)
+    assert all(int(c.abs().sum()) == 0 for _, c in G._WO_WORKSPACE.values())
 
 
 def test_weight_only_one_row_and_errors(poisoned, seed):

@@ -231,8 +231,9 @@ def _wo_candidates(fmt: str, m: int):
     from ..kernels.gemm import Config as C
 
     bm = max(16, 1 << (max(m, 1) - 1).bit_length())
-    cs = [C(bm, 16, 256, 1, 4, 4), C(bm, 32, 256, 1, 4, 4), C(bm, 64, 256, 1, 4, 4), C(bm, 32, 128, 1, 4, 6),
-          C(bm, 64, 128, 1, 4, 6), C(bm, 32, 512, 1, 4, 3), C(bm, 128, 128, 1, 8, 4), C(bm, 64, 256, 1, 8, 3)]  # fmt: skip
+    cs = [C(bm, 32, 256, 1, 4, 4, split_k=s) for s in (1, 2, 4, 8)]
+    cs += [C(bm, 32, 128, 1, 4, 6, split_k=4), C(bm, 16, 256, 1, 4, 4, split_k=4), C(bm, 64, 256, 1, 4, 3, split_k=4),
+           C(bm, 32, 512, 1, 4, 3, split_k=2)]  # fmt: skip
     return cs
 
 
@@ -259,7 +260,7 @@ def _compile_modes(ops, bench, fmts) -> dict:
 
     for m in (16, 4608):
         x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16)
-        variants = [("bf16", "eager", bf16_stack), ("bf16", "reduce-overhead", bf16_stack)]
+        variants = [("bf16", "eager", bf16_stack), ("bf16", "default", bf16_stack), ("bf16", "reduce-overhead", bf16_stack)]
         for fmt in fmts:
             fn = ditq_stack(fmt, [ops.quant_weight(w, fmt) for w in ws])
             variants += [(fmt, "eager", fn), (fmt, "max-autotune-no-cudagraphs", fn), (fmt, "reduce-overhead", fn)]

@@ -91,21 +91,25 @@ act quant + W8A8 GEMM: measured on an H200, bench/NOTES.md ("Small M")."""
 
 def weight_only_config(fmt: str, m: int, n: int, k: int) -> Config:
     """Launch configuration of the weight-only kernel (block_m covers all rows). The kernel is bound by
-    reading the weight, so the N tile is chosen to give every SM a few programs (two per SM when N allows),
-    and the K step to keep enough bytes in flight per program."""
+    reading the weight, so it needs many programs in flight on every SM: 32 output rows per program, and
+    the K dimension split so that there are at least 8 programs per SM (fewer programs left SMs idle or ran
+    a second, partial wave: bench/NOTES.md, "Small M"), each slice at least two K steps."""
     bm = 16
     while bm < m:
         bm *= 2
     if INTERPRET:
-        return Config(bm, 32, 128, 1, 4, 1)
+        return Config(bm, 32, 128, 1, 4, 1, split_k=2)
     import torch
 
     from .gemm import _num_sms
 
     sms = _num_sms(torch.device("cuda", torch.cuda.current_device()))
-    bn = 64
-    while bn > 16 and -(-n // bn) < 2 * sms:
-        bn //= 2
+    bn = 32
     # shared memory per stage: bn * bk weight bytes + bk * bm activation elements
-    bk = 256 if bm <= 32 else 128
-    return Config(bm, bn, bk, 1, 4, 4)
+    bk = 256 if bm <= 16 else 128
+    tiles = -(-n // bn)
+    steps = -(-k // bk)
+    split = 1
+    while tiles * split < 8 * sms and split * 2 <= max(1, steps // 2) and split < 16:
+        split *= 2
+    return Config(bm, bn, bk, 1, 4, 4, split_k=split)

@@ -55,15 +55,17 @@ class Config:
     magic_i2f: bool = False  # int8-block: int32 -> fp32 by an add on the bits instead of a convert
     persistent: bool = False  # one program per SM looping over tiles (TMA only): next loads overlap the epilogue
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); lets more programs share an SM
+    split_k: int = 1  # weight-only kernel: programs per output tile, each over a K slice (last one reduces)
 
     def as_list(self) -> list:
         return [self.block_m, self.block_n, self.block_k, self.group_m, self.num_warps, self.num_stages,
-                int(self.tma), int(self.dot2), int(self.magic_i2f), int(self.persistent), self.maxnreg]  # fmt: skip
+                int(self.tma), int(self.dot2), int(self.magic_i2f), int(self.persistent), self.maxnreg,
+                self.split_k]  # fmt: skip
 
     @classmethod
     def from_list(cls, v) -> "Config":
         v = list(v) + [0] * (11 - len(v))
-        return cls(*v[:6], *(bool(b) for b in v[6:10]), int(v[10]))
+        return cls(*v[:6], *(bool(b) for b in v[6:10]), int(v[10]), int(v[11]) if len(v) > 11 else 1)
 
 
 @triton.jit
@@ -370,30 +372,51 @@ def scaled_mm(
 # weight-only product for few rows (M <= 128): the activation stays in its float dtype
 
 
+@triton.jit
+def _wo_epilogue(acc, rn, rn_c, rm, m_ok, N, ws_ptr, bias_ptr, out_ptr, stride_om, stride_wsn,
+                 W_GRAN: tl.constexpr, HAS_BIAS: tl.constexpr, MANUAL_RNE: tl.constexpr):  # fmt: skip
+    """Row / tensor scale, bias, cast and the transposed store of a [BLOCK_N, BLOCK_M] tile into out [M, N]."""
+    if W_GRAN == 1:
+        acc = acc * tl.load(ws_ptr + rn_c * stride_wsn)[:, None]
+    elif W_GRAN == 0:
+        acc = acc * tl.load(ws_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_c).to(tl.float32)[:, None]
+    out = out_ptr + rm[None, :].to(tl.int64) * stride_om + rn[:, None]
+    tl.store(out, cast_rne(acc, out_ptr.dtype.element_ty, MANUAL_RNE), mask=(rn < N)[:, None] & m_ok)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _weight_only_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SLICE,
     stride_xm, stride_xk, stride_om, stride_wsn, stride_wsk,
     W_GRAN: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, F32_DOT: tl.constexpr,
     MANUAL_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SUB_K: tl.constexpr,
+    SUB_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    """y [M, N] = x [M, K] @ (w [N, K] * scale)^T + bias with M <= BLOCK_M: one program per BLOCK_N output
-    channels reads its weight rows once (memory-bound: the weight bytes are the traffic). The product is
-    computed transposed, w [BLOCK_N, K] as the tensor cores' wide operand and x^T [K, BLOCK_M] as the narrow
-    one, so BLOCK_M can stay at the 16-row minimum. int8 and e4m3 values are exact in bf16 / fp16, so the
-    products are exact and accumulate in fp32. W_GRAN: 0 one scale, 1 per row, 2 per 128x128 block (SUB_K
-    == 128 and BLOCK_N divides 128: one scale per tile and K block, applied to that block's partial)."""
+    """y [M, N] = x [M, K] @ (w [N, K] * scale)^T + bias with M <= BLOCK_M. Program (i, j) reads weight rows
+    i*BLOCK_N.. over the K slice j*K_SLICE.. once (memory-bound: the weight bytes are the traffic; the split
+    over K gives every SM several programs even when N is narrow). The product is computed transposed, w
+    [BLOCK_N, K] as the tensor cores' wide operand and x^T [K, BLOCK_M] as the narrow one, so BLOCK_M can stay
+    at the 16-row minimum. int8 and e4m3 values are exact in bf16 / fp16, so the products are exact and
+    accumulate in fp32. W_GRAN: 0 one scale, 1 per row, 2 per 128x128 block (SUB_K == 128 and BLOCK_N divides
+    128: one scale per tile and K block, applied to that block's partial).
+
+    SPLIT_K > 1: each program stores its fp32 partial in part [SPLIT_K, BLOCK_M, N] and counts itself in
+    count[i]; the last of the tile's programs to arrive sums the partials in slice order (deterministic),
+    finishes the tile and sets count[i] back to 0, so the counters are zero again for the next launch."""
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_c = tl.minimum(rn, N - 1)  # rows past N load a valid row; never stored
     rm = tl.arange(0, BLOCK_M)
     m_ok = (rm < M)[None, :]
-    cdt = x_ptr.dtype.element_ty  # int8 and e4m3 values are exact in bf16 / fp16
+    cdt = x_ptr.dtype.element_ty
     w_rows = w_ptr + rn_c[:, None].to(tl.int64) * K
     x_rows = x_ptr + rm[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_SLICE
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SLICE, K), BLOCK_K):
         for kk in tl.static_range(BLOCK_K // SUB_K):
             rk = k0 + kk * SUB_K + tl.arange(0, SUB_K)
             if EVEN_K:
@@ -412,39 +435,73 @@ def _weight_only_kernel(
                 acc += p * tl.load(ws_ptr + (pid_n * BLOCK_N // 128) * stride_wsn + kb * stride_wsk)
             else:
                 acc += p
-    if W_GRAN == 1:
-        acc = acc * tl.load(ws_ptr + rn_c * stride_wsn)[:, None]
-    elif W_GRAN == 0:
-        acc = acc * tl.load(ws_ptr)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn_c).to(tl.float32)[:, None]
-    out = out_ptr + rm[None, :].to(tl.int64) * stride_om + rn[:, None]
-    tl.store(out, cast_rne(acc, out_ptr.dtype.element_ty, MANUAL_RNE), mask=(rn < N)[:, None] & m_ok)
+    if SPLIT_K == 1:
+        _wo_epilogue(acc, rn, rn_c, rm, m_ok, N, ws_ptr, bias_ptr, out_ptr, stride_om, stride_wsn,
+                     W_GRAN, HAS_BIAS, MANUAL_RNE)  # fmt: skip
+    else:
+        part = part_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
+        tile_ok = (rn < N)[:, None] & m_ok
+        tl.store(part + pid_k.to(tl.int64) * BLOCK_M * N, acc, mask=tile_ok)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for j in tl.static_range(SPLIT_K):  # .cg: read the other programs' partials from L2, not L1
+                total += tl.load(part + j * BLOCK_M * N, mask=tile_ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            _wo_epilogue(total, rn, rn_c, rm, m_ok, N, ws_ptr, bias_ptr, out_ptr, stride_om, stride_wsn,
+                         W_GRAN, HAS_BIAS, MANUAL_RNE)  # fmt: skip
 
 
-def weight_only_spec(x, wq, w_scale, fmt: F.Format, bias, out, c: Config) -> _quant.Spec:
+_WO_WORKSPACE: dict = {}
+
+
+def wo_workspace(device: torch.device, stream: int, c: Config, n: int):
+    """(partials f32 [split_k, block_m, N], counters int32 [N tiles] all zero) kept per device, stream and
+    shape: launches on one stream run one after another and leave the counters at zero. None while a CUDA
+    graph is being captured and none exists yet (zeroing inside a capture would only happen on replay). Never
+    evicted (launch plans hold their addresses; ``ops.clear_plans`` drops both); bounded by the distinct
+    (stream, N, tile) combinations a process uses."""
+    key = (device.index, stream, c.split_k, c.block_m, c.block_n, n)
+    got = _WO_WORKSPACE.get(key)
+    if got is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        got = _WO_WORKSPACE[key] = (torch.empty((c.split_k, c.block_m, n), dtype=torch.float32, device=device),
+                                    torch.zeros(triton.cdiv(n, c.block_n), dtype=torch.int32, device=device))  # fmt: skip
+    return got
+
+
+def weight_only_spec(x, wq, w_scale, fmt: F.Format, bias, out, c: Config, workspace=None) -> _quant.Spec:
     """The launch of the weight-only product for x [M, K] (any strides, 0 < M <= c.block_m), wq [N, K]
     contiguous, into ``out`` [M, N] (row stride ``out.stride(0)``, unit column stride). ``c``: block_m (a
     power of two >= 16 and >= M), block_n, block_k (for block formats a multiple of 128 and block_n dividing
-    128), num_warps, num_stages."""
+    128), num_warps, num_stages, split_k (> 1 needs ``workspace`` from ``wo_workspace``)."""
     m, k = x.shape
     n = wq.shape[0]
     if fmt.is_block and (c.block_k % F.BLOCK or F.BLOCK % c.block_n):
         raise ShapeError(f"config {c} invalid for weight-only {fmt.name}: needs block_k % 128 == 0, 128 % block_n == 0")
+    split = c.split_k if workspace is not None else 1
+    steps = triton.cdiv(k, c.block_k)
+    split = max(1, min(split, steps))
+    k_slice = triton.cdiv(steps, split) * c.block_k
+    split = triton.cdiv(k, k_slice)  # no empty slices
+    part, count = workspace if split > 1 else (None, None)
     gran = {"tensor": 0, "row": 1, "block": 2}[fmt.weight_granularity]
     wss = w_scale.stride()
     ws_stride = (wss[0], wss[1] if len(wss) > 1 else 0) if wss else (0, 0)
     sxm, sxk = x.stride()
-    key = (x.dtype, out.dtype, w_scale.dtype, None if bias is None else bias.dtype, x.data_ptr() & 15,
+    key = (x.dtype, wq.dtype, out.dtype, w_scale.dtype, None if bias is None else bias.dtype, x.data_ptr() & 15,
            wq.data_ptr() & 15, w_scale.data_ptr() & 15, 0 if bias is None else bias.data_ptr() & 15,
-           n, k, sxm, sxk, out.stride(0), ws_stride)  # fmt: skip
-    args = (x, wq, w_scale, bias, out, m, n, k, sxm, sxk, out.stride(0), ws_stride[0], ws_stride[1])
+           n, k, k_slice, sxm, sxk, out.stride(0), ws_stride)  # fmt: skip
+    args = (x, wq, w_scale, bias, out, part, count, m, n, k, k_slice, sxm, sxk, out.stride(0), ws_stride[0],
+            ws_stride[1])  # fmt: skip
     return _quant.Spec(
-        _weight_only_kernel, (triton.cdiv(n, c.block_n),), args,
+        _weight_only_kernel, (triton.cdiv(n, c.block_n), split), args,
         dict(W_GRAN=gran, HAS_BIAS=bias is not None, EVEN_K=k % c.block_k == 0,
              F32_DOT=INTERPRET or x.dtype == torch.float32, MANUAL_RNE=INTERPRET,
              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-             SUB_K=F.BLOCK if fmt.is_block else c.block_k),
+             SUB_K=F.BLOCK if fmt.is_block else c.block_k, SPLIT_K=split),
         c.num_warps, c.num_stages, key=key,
     )  # fmt: skip
 
@@ -476,7 +533,11 @@ def weight_only_linear(
         from .configs import weight_only_config
 
         config = weight_only_config(fmt.name, m, n, k)
-    _launch(weight_only_spec(x, wq.contiguous(), w_scale, fmt, bias, out, config))
+    ws = None
+    if config.split_k > 1:
+        stream = torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else 0
+        ws = wo_workspace(x.device, stream, config, n)
+    _launch(weight_only_spec(x, wq.contiguous(), w_scale, fmt, bias, out, config, ws))
     return out
 
 

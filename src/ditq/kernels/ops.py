@@ -71,7 +71,7 @@ def weight_only_max_m(x) -> int:
 WEIGHT_ONLY_CPU = 0
 """Row limit of the weight-only path for CPU tensors under the interpreter (tests set it)."""
 
-_X, _XQ, _XQD, _XS, _OUT = (object() for _ in range(5))  # the per-call slots of a plan's argument template
+_X, _XQ, _XQD, _XS, _OUT, _WP, _WC = (object() for _ in range(7))  # per-call / per-stream slots of a template
 _PLANS: dict = {}
 _SCRATCH: dict = {}
 _SCRATCH_GEN = [0]
@@ -84,7 +84,7 @@ class _Plan:
     """Ready launches of one linear (see above). ``wo``: weight-only (one launch) else act quant + GEMM."""
 
     __slots__ = ("wo", "aq", "mm", "aq_t", "mm_t", "aq_seg", "mm_seg", "out_shape", "out_dtype", "device",
-                 "stream", "thread", "gen", "scratch_key", "xq_shape", "xs_shape", "storage")  # fmt: skip
+                 "stream", "thread", "gen", "scratch_key", "xq_shape", "xs_shape", "storage", "wo_cfg", "n")  # fmt: skip
 
 
 def _template(spec, bound, marks: dict) -> list:
@@ -116,11 +116,16 @@ def _segments(bound, stream, flat: list) -> list:
     return segs
 
 
-def _resolve(p: _Plan, bound, flat: list, xq, xs) -> list:
-    """Fill the activation-side slots of a template with this call's xq / xs."""
+def _resolve(p: _Plan, bound, flat: list, xq, xs, ws=None) -> list:
+    """Fill the activation-side slots of a template with this call's xq / xs (W8A8), or the split-K
+    workspace ``ws`` = (partials, counters) of this stream (weight-only)."""
     out = []
     for a in flat:
-        if a is _XQ:
+        if a is _WP:
+            out.append(ws[0].data_ptr())
+        elif a is _WC:
+            out.append(ws[1].data_ptr())
+        elif a is _XQ:
             out.append(xq.data_ptr())
         elif a is _XS:
             out.append(xs.data_ptr())
@@ -149,7 +154,8 @@ def _bind_stream(p: _Plan, stream, thread) -> None:
     Not called while a CUDA graph is captured (its buffers would come from the graph's pool)."""
     p.stream, p.thread, p.gen = stream, thread, _SCRATCH_GEN[0]
     if p.wo:
-        p.mm_seg = _segments(p.mm, stream, p.mm_t)
+        ws = _gemm.wo_workspace(p.device, stream, p.wo_cfg, p.n) if p.wo_cfg.split_k > 1 else None
+        p.mm_seg = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, None, None, ws))
         return
     xq, xs = _scratch(p, stream, thread)
     p.aq_seg = _segments(p.aq, stream, _resolve(p, p.mm, p.aq_t, xq, xs))
@@ -174,11 +180,21 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
     p = _Plan()
     p.out_shape, p.out_dtype, p.device, p.wo = tuple(y.shape), out_dtype, x.device, weight_only
     if weight_only:
-        spec = _gemm.weight_only_spec(x2, wq, w_scale, fmt, bias, y2, _configs.weight_only_config(fmt.name, m, n, k))
+        c = _configs.weight_only_config(fmt.name, m, n, k)
+        ws = None
+        if c.split_k > 1:
+            ws = _gemm.wo_workspace(x.device, torch._C._cuda_getCurrentRawStream(x.device.index), c, n)
+            if ws is None:  # first use inside a CUDA graph capture: no plan
+                return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, True), None
+        spec = _gemm.weight_only_spec(x2, wq, w_scale, fmt, bias, y2, c, ws)
         p.mm = _quant.bind(spec)
         if p.mm is None:
             return y, None
-        p.mm_t = _template(spec, p.mm, {id(x2): _X, id(y2): _OUT})
+        marks = {id(x2): _X, id(y2): _OUT}
+        if ws is not None:
+            marks.update({id(ws[0]): _WP, id(ws[1]): _WC})
+        p.mm_t = _template(spec, p.mm, marks)
+        p.wo_cfg, p.n = c, n
     else:
         xq, xs = _quant.empty((m, k), fmt.storage, x.device), _quant.empty(_quant.act_scale_shape(fmt, m, k), torch.float32, x.device)
         aspec = _quant.act_quant_spec(x2, xq, xs, fmt, False)
@@ -202,6 +218,7 @@ def clear_plans() -> None:
     ``quant.RAW_LAUNCH``: plans keep the choices they were built with)."""
     _PLANS.clear()
     _SCRATCH.clear()
+    _gemm._WO_WORKSPACE.clear()
     _SCRATCH_GEN[0] += 1
 
 
@@ -227,6 +244,8 @@ def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
     op = out.data_ptr()
     if p.wo:
         if stream != p.stream:
+            if torch.cuda.is_current_stream_capturing():  # the split-K workspace of a new stream: made outside
+                return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, True)
             _bind_stream(p, stream, None)
         s = p.mm_seg
         p.mm.entry.raw(*s[0], xp, *s[1], op, *s[2])
