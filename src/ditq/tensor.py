@@ -24,7 +24,7 @@ import torch.nn.functional as Fn
 
 from . import formats as F
 from .errors import FormatError, ShapeError
-from .kernels import ops
+from .kernels import HAS_TRITON, ops
 
 aten = torch.ops.aten
 
@@ -42,9 +42,11 @@ class QuantizedTensor(torch.Tensor):
     qdata: torch.Tensor
     scale: torch.Tensor
     format: str
+    rotation: int | None  # Hadamard group size g of a rotated int8-row weight (qdata holds W H_g), else None
 
     @staticmethod
-    def __new__(cls, qdata, scale=None, format=None, dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False):
+    def __new__(cls, qdata, scale=None, format=None, dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False,
+                rotation: int | None = None):
         if isinstance(qdata, QuantizedTensor) and scale is None:
             # `type(param)(value, requires_grad=...)`, as accelerate rebuilds a parameter after moving it
             # (enable_sequential_cpu_offload): the same as nn.Parameter(value)
@@ -55,7 +57,8 @@ class QuantizedTensor(torch.Tensor):
             cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
         )
 
-    def __init__(self, qdata, scale=None, format=None, dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False):
+    def __init__(self, qdata, scale=None, format=None, dtype: torch.dtype = torch.bfloat16, requires_grad: bool = False,
+                 rotation: int | None = None):
         if scale is None:  # built by __new__ from another QuantizedTensor
             return
         fmt = F.get_format(format)
@@ -71,44 +74,52 @@ class QuantizedTensor(torch.Tensor):
             )
         if scale.device != qdata.device:
             raise FormatError(f"qdata is on {qdata.device} but its scale on {scale.device}; move both together")
-        self._set_inner(qdata, scale, fmt.name)
+        if rotation is not None:
+            check_rotation(fmt.name, rotation, qdata.shape)
+        self._set_inner(qdata, scale, fmt.name, rotation)
 
-    def _set_inner(self, qdata: torch.Tensor, scale: torch.Tensor, format: str) -> None:
+    def _set_inner(self, qdata: torch.Tensor, scale: torch.Tensor, format: str, rotation: int | None = None) -> None:
         self.qdata = qdata
         self.scale = scale
         self.format = format
+        self.rotation = rotation
         # a plain int, so the per-call check in F.linear costs no tensor-attribute round trip
         self._in_features = qdata.shape[1]
 
     @classmethod
-    def _wrap(cls, qdata, scale, format, dtype) -> "QuantizedTensor":
+    def _wrap(cls, qdata, scale, format, dtype, rotation=None) -> "QuantizedTensor":
         """Internal constructor without validation (inner tensors already known to be consistent)."""
         t = torch.Tensor._make_wrapper_subclass(cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False)
-        t._set_inner(qdata, scale, format)
+        t._set_inner(qdata, scale, format, rotation)
         return t
 
     # -- torch.compile / serialization support -------------------------------------------------------
     def __tensor_flatten__(self):
-        return ["qdata", "scale"], (self.format, self.dtype)
+        return ["qdata", "scale"], (self.format, self.dtype, self.rotation)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         return QuantizedTensor._wrap(inner["qdata"], inner["scale"], *meta)
 
     def __repr__(self) -> str:
+        rot = f", rotation=hadamard-{self.rotation}" if self.rotation else ""
         return (
-            f"QuantizedTensor(format={self.format}, shape={list(self.shape)}, dtype={self.dtype}, "
+            f"QuantizedTensor(format={self.format}{rot}, shape={list(self.shape)}, dtype={self.dtype}, "
             f"device={self.device}, scale={list(self.scale.shape)})"
         )
 
     def __reduce_ex__(self, protocol):
-        # pickle (torch.save) the parts, not the wrapper's empty storage
+        # pickle (torch.save) the parts, not the wrapper's empty storage; unrotated weights keep the
+        # 4-argument form older ditq versions read
+        if self.rotation:
+            return (QuantizedTensor, (self.qdata, self.scale, self.format, self.dtype, False, self.rotation))
         return (QuantizedTensor, (self.qdata, self.scale, self.format, self.dtype))
 
     # -- what users call -------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight [N, K] (``dtype`` defaults to the reported dtype), as ComfyUI computes it."""
-        return _dequant(self.qdata, self.scale, self.format, dtype or self.dtype)
+        """The float weight [N, K] (``dtype`` defaults to the reported dtype), as ComfyUI computes it (a rotated
+        weight back in the original basis: ``q * scale`` in float32, each group times H_g^T, then the cast)."""
+        return _dequant(self.qdata, self.scale, self.format, dtype or self.dtype, self.rotation)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
         """``x @ W^T + bias`` with dynamic 8-bit activations. x: [..., K]; returns [..., N] in x's dtype
@@ -119,7 +130,9 @@ class QuantizedTensor(torch.Tensor):
                 f"{list(self.qdata.shape)} expects {self._in_features}"
             )
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            return _QuantizedLinearFn.apply(x, self.qdata, self.scale, self.format, bias, out_dtype)
+            return _QuantizedLinearFn.apply(x, self.qdata, self.scale, self.format, bias, out_dtype, self.rotation)
+        if self.rotation:
+            return _rotated_linear(x, self.qdata, self.scale, self.rotation, bias, out_dtype)
         return _linear(x, self.qdata, self.scale, self.format, bias, out_dtype)
 
     @property
@@ -128,7 +141,7 @@ class QuantizedTensor(torch.Tensor):
         return self.qdata.numel() * self.qdata.element_size() + self.scale.numel() * self.scale.element_size()
 
     def _with(self, fn, dtype: torch.dtype | None = None) -> "QuantizedTensor":
-        return QuantizedTensor._wrap(fn(self.qdata), fn(self.scale), self.format, dtype or self.dtype)
+        return QuantizedTensor._wrap(fn(self.qdata), fn(self.scale), self.format, dtype or self.dtype, self.rotation)
 
     # -- dispatch --------------------------------------------------------------------------------------
     @classmethod
@@ -186,11 +199,39 @@ def _linear(x, qdata, scale, fmt, bias, out_dtype):
     return op(x, qdata, scale, fmt, bias, out_dtype or x.dtype)
 
 
-def _dequant(qdata, scale, fmt, dtype):
+def _dequant(qdata, scale, fmt, dtype, rotation=None):
+    if rotation:
+        # FORMATS.md: q * scale (float32, as ComfyUI's int8 dequantization), then each group of g
+        # channels times H_g^T, in float32, then the cast
+        w = _dequant(qdata, scale, fmt, torch.float32)
+        h = F.hadamard(rotation, torch.float32, w.device)
+        return (w.reshape(w.shape[0], -1, rotation) @ h.t()).reshape(w.shape).to(dtype)
     op = _traced_op("dequant_weight", qdata)
     if op is None:
         return ops.dequant_weight(qdata, scale, fmt, dtype)
     return op(qdata, scale, fmt, dtype)
+
+
+def _rotated_linear(x, qdata, scale, g, bias, out_dtype):
+    if not HAS_TRITON:  # the kernels module needs triton; the reference is the same math
+        return F.linear_ref(F.rotate(x.float(), g), qdata, scale, "int8-row", bias, out_dtype or x.dtype)
+    from .kernels import rotate as _rot
+
+    op = _traced_op("rotated_linear", x)
+    if op is None:
+        return _rot.rotated_linear(x, qdata, scale, g, bias, out_dtype)
+    return op(x, qdata, scale, g, bias, out_dtype or x.dtype)
+
+
+def check_rotation(format: str, g: int, shape) -> None:
+    """FormatError unless ``format`` is int8-row and g a supported Hadamard group size; ShapeError unless g
+    divides K of the [N, K] ``shape``."""
+    if format != "int8-row":
+        raise FormatError(f"Hadamard rotation applies to int8-row weights only, not {format}")
+    if g not in (16, 64, 256):
+        raise FormatError(f"rotation group size {g} is not supported; choose 16, 64 or 256 (powers of 4)")
+    if shape[-1] % g:
+        raise ShapeError(f"weight of shape {list(shape)}: K={shape[-1]} is not divisible by the rotation group size {g}")
 
 
 class _QuantizedLinearFn(torch.autograd.Function):
@@ -199,9 +240,11 @@ class _QuantizedLinearFn(torch.autograd.Function):
     the dequantized weight in the gradient's dtype."""
 
     @staticmethod
-    def forward(ctx, x, qdata, scale, fmt, bias, out_dtype):
+    def forward(ctx, x, qdata, scale, fmt, bias, out_dtype, rotation=None):
         ctx.save_for_backward(qdata, scale)
-        ctx.fmt = fmt
+        ctx.fmt, ctx.rotation = fmt, rotation
+        if rotation:
+            return _rotated_linear(x, qdata, scale, rotation, bias, out_dtype)
         return _linear(x, qdata, scale, fmt, bias, out_dtype)
 
     @staticmethod
@@ -209,10 +252,10 @@ class _QuantizedLinearFn(torch.autograd.Function):
         qdata, scale = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ _dequant(qdata, scale, ctx.fmt, grad_out.dtype)
+            grad_x = grad_out @ _dequant(qdata, scale, ctx.fmt, grad_out.dtype, ctx.rotation)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, None, None, grad_bias, None
+        return grad_x, None, None, None, grad_bias, None, None
 
 
 def _set_data(dst: QuantizedTensor, src: QuantizedTensor) -> None:
@@ -223,15 +266,15 @@ def _set_data(dst: QuantizedTensor, src: QuantizedTensor) -> None:
     except RuntimeError:
         # set_data refuses some device pairs (e.g. to or from meta): swap in a fresh wrapper of src's parts,
         # keeping dst's identity and its Python attributes (nn.Parameter's _is_param, hooks' tags).
-        tmp = QuantizedTensor._wrap(src.qdata, src.scale, src.format, src.dtype)
+        tmp = QuantizedTensor._wrap(src.qdata, src.scale, src.format, src.dtype, src.rotation)
         tmp.requires_grad_(dst.requires_grad)
         keep = {k: v for k, v in dst.__dict__.items() if k not in _INNER_ATTRS}
         torch.utils.swap_tensors(dst, tmp)
         dst.__dict__.update(keep)
-    dst._set_inner(src.qdata, src.scale, src.format)
+    dst._set_inner(src.qdata, src.scale, src.format, src.rotation)
 
 
-_INNER_ATTRS = ("qdata", "scale", "format", "_in_features")
+_INNER_ATTRS = ("qdata", "scale", "format", "rotation", "_in_features")
 
 
 # -- aten handlers: data movement only ------------------------------------------------------------------
@@ -265,10 +308,11 @@ def _copy_(dst, src, non_blocking=False, **k):
         # quantized param <- float weight (load_state_dict of a float checkpoint into a quantized model)
         if tuple(src.shape) != tuple(dst.shape):
             raise ShapeError(f"cannot copy a {list(src.shape)} tensor into a {list(dst.shape)} {dst.format} weight")
-        src = quantize_weight(src.to(dst.qdata.device), dst.format)
-    elif src.format != dst.format or src.shape != dst.shape:
+        src = quantize_weight(src.to(dst.qdata.device), dst.format, rotation=_rotation_name(dst.rotation),
+                              rotation_group=dst.rotation)
+    elif src.format != dst.format or src.shape != dst.shape or src.rotation != dst.rotation:
         raise FormatError(
-            f"cannot copy a {src.format} {list(src.shape)} weight into a {dst.format} {list(dst.shape)} one; "
+            f"cannot copy a {_describe(src)} {list(src.shape)} weight into a {_describe(dst)} {list(dst.shape)} one; "
             f"dequantize() and quantize it again, or replace the parameter"
         )
     dst.qdata.copy_(src.qdata, non_blocking=non_blocking)
@@ -292,14 +336,16 @@ def _record_stream(t, stream):
 def _empty_like(t, *a, dtype=None, device=None, **k):
     dev = t.device if device is None else device
     return QuantizedTensor._wrap(
-        torch.empty_like(t.qdata, device=dev), torch.empty_like(t.scale, device=dev), t.format, dtype or t.dtype
+        torch.empty_like(t.qdata, device=dev), torch.empty_like(t.scale, device=dev), t.format, dtype or t.dtype,
+        t.rotation,
     )
 
 
 def _equal(a, b):
     if not (isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor)):
         return False
-    return a.format == b.format and torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
+    return (a.format == b.format and a.rotation == b.rotation and torch.equal(a.qdata, b.qdata)
+            and torch.equal(a.scale, b.scale))  # fmt: skip
 
 
 def _cat(tensors, dim=0):
@@ -310,10 +356,12 @@ def _cat(tensors, dim=0):
         raise FormatError(
             f"cannot concatenate {first.format} weights along dim {dim}; only row and block formats along dim 0"
         )
-    if any(not isinstance(t, QuantizedTensor) or t.format != first.format for t in tensors):
-        raise FormatError("torch.cat of QuantizedTensors needs all of them in the same format")
+    if any(not isinstance(t, QuantizedTensor) or t.format != first.format or t.rotation != first.rotation
+           for t in tensors):  # fmt: skip
+        raise FormatError("torch.cat of QuantizedTensors needs all of them in the same format (and rotation)")
     return QuantizedTensor(
-        torch.cat([t.qdata for t in tensors]), torch.cat([t.scale for t in tensors]), first.format, first.dtype
+        torch.cat([t.qdata for t in tensors]), torch.cat([t.scale for t in tensors]), first.format, first.dtype,
+        rotation=first.rotation,
     )
 
 
@@ -334,17 +382,34 @@ _DISPATCH = {
 
 # -- public functions ------------------------------------------------------------------------------------
 def quantize_weight(
-    w: torch.Tensor, format: str = "int8-row", *, rounding: str = "nearest", name: str | None = None, **options
+    w: torch.Tensor,
+    format: str = "int8-row",
+    *,
+    rounding: str = "nearest",
+    name: str | None = None,
+    rotation: str | None = None,
+    rotation_group: int | None = None,
+    **options,
 ) -> QuantizedTensor:
     """Quantize a 2-D float weight [N, K] into a QuantizedTensor of ``format``.
 
     ``rounding="nearest"`` is round-to-nearest; ``"learned"`` optimizes the rounding (see
-    ``ditq.rounding``; ``options`` go there). Raises ShapeError / NonFiniteError naming ``name``."""
+    ``ditq.rounding``; ``options`` go there). ``rotation="hadamard"`` (int8-row only) stores W H_g per group
+    of ``rotation_group`` input channels (default: the largest of 256 / 64 / 16 dividing K), as ComfyUI's
+    "convrot" int8; F.linear then rotates the activations at run time. Raises ShapeError / NonFiniteError
+    naming ``name``."""
     fmt = F.get_format(format)
     if isinstance(w, QuantizedTensor):
         what = f"weight {name!r}" if name else "weight"
         raise FormatError(f"{what} is already quantized ({w.format}); dequantize() it first")
     F.check_weight(w, fmt, name)
+    g = rotation_group_of(rotation, rotation_group, fmt.name, tuple(w.shape), name)
+    if g:
+        if rounding != "nearest":
+            raise FormatError(f"rounding={rounding!r} with rotation is not implemented; use rounding='nearest'")
+        # offline, so in float64: the rotated weight is then exactly rounded to fp32 on every device
+        q, s = ops.quant_weight(F.rotate(w.detach().double(), g).float(), fmt.name)
+        return QuantizedTensor(q, s, fmt.name, w.dtype, rotation=g)
     if rounding == "nearest":
         if options:
             raise TypeError(f"quantize_weight: options {sorted(options)} only apply to rounding='learned'")
@@ -356,6 +421,38 @@ def quantize_weight(
     else:
         raise FormatError(f"unknown rounding {rounding!r}; choose 'nearest' or 'learned'")
     return QuantizedTensor(q, s, fmt.name, w.dtype)
+
+
+def rotation_group_of(rotation, rotation_group, format: str, shape, name: str | None = None) -> int | None:
+    """The Hadamard group size a ``rotation`` / ``rotation_group`` request means for an [N, K] weight of
+    ``format`` (None: no rotation). FormatError for a rotation other than "hadamard" or a format other than
+    int8-row; ShapeError naming the shape when K is not divisible by 16 (or by the requested group)."""
+    if rotation in (None, False, "none"):
+        if rotation_group is not None:
+            raise FormatError(f"rotation_group={rotation_group} needs rotation='hadamard'")
+        return None
+    if rotation not in (True, "hadamard"):
+        raise FormatError(f"unknown rotation {rotation!r}; the one implemented is 'hadamard'")
+    if format != "int8-row":
+        raise FormatError(f"Hadamard rotation applies to int8-row weights only, not {format}; use format='int8-row'")
+    what = f"weight {name!r}" if name else "weight"
+    if rotation_group is None:
+        if shape[-1] % 16:
+            raise ShapeError(
+                f"{what} has shape {list(shape)}: a Hadamard rotation needs K divisible by 16 (groups of 16, 64 or "
+                f"256 channels); quantize this layer without rotation or keep it in high precision"
+            )
+        return F.rotation_group_size(shape[-1])
+    check_rotation(format, int(rotation_group), shape)
+    return int(rotation_group)
+
+
+def _rotation_name(g: int | None) -> str | None:
+    return "hadamard" if g else None
+
+
+def _describe(t: QuantizedTensor) -> str:
+    return f"{t.format} (hadamard-{t.rotation})" if t.rotation else t.format
 
 
 def quantize_activation(x: torch.Tensor, format: str = "int8-row") -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..checkpoint.policy import Policy
 from ..errors import DitqError
-from ..tensor import QuantizedTensor, quantize_weight
+from ..tensor import QuantizedTensor, quantize_weight, rotation_group_of
 
 
 @dataclass
@@ -45,6 +45,7 @@ class QuantizeReport:
     layers: list[LayerReport] = field(default_factory=list)
     model_bytes_before: int = 0
     model_bytes_after: int = 0
+    rotation: str | None = None
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -70,7 +71,8 @@ class QuantizeReport:
     def summary(self, max_kept: int = 12) -> str:
         gb = 1e-9
         lines = [
-            f"ditq.quantize_: {len(self.quantized)} of {len(self.layers)} linear layers -> {self.format} "
+            f"ditq.quantize_: {len(self.quantized)} of {len(self.layers)} linear layers -> {self.format}"
+            f"{' + ' + self.rotation + ' rotation' if self.rotation else ''} "
             f"(preset {self.preset})",
             f"  linear weights {self.bytes_before * gb:.3f} GB -> {self.bytes_after * gb:.3f} GB; "
             f"model {self.model_bytes_before * gb:.3f} GB -> {self.model_bytes_after * gb:.3f} GB "
@@ -132,6 +134,8 @@ def quantize_(
     device: torch.device | str | None = None,
     min_elements: int = 16384,
     verbose: bool = False,
+    rotation: str | None = None,
+    rotation_group: int | None = None,
 ) -> QuantizeReport:
     """Quantize ``model``'s ``nn.Linear`` weights in place; returns a QuantizeReport.
 
@@ -141,12 +145,18 @@ def quantize_(
     names that force quantization / keep a layer (exclude wins). rounding: nearest | learned.
     device: where to quantize and leave the model (e.g. ``"cuda"`` for a model loaded on the CPU: each
     layer moves, is quantized there, and the rest of the model follows); None quantizes where each weight
-    is. Weights smaller than ``min_elements`` are kept (they save little)."""
+    is. Weights smaller than ``min_elements`` are kept (they save little). rotation="hadamard" (int8-row
+    only): ComfyUI's rotated int8 ("convrot"), group ``rotation_group`` or the largest of 256 / 64 / 16
+    dividing each layer's K; a layer whose K is not a multiple of 16 is quantized unrotated (its reason says
+    so)."""
     if not isinstance(model, nn.Module):
         hint = " (for a diffusers pipeline pass pipe.transformer)" if hasattr(model, "components") else ""
         raise DitqError(f"quantize_ needs a torch.nn.Module, got {type(model).__name__}{hint}")
     policy = make_policy(model, format, preset, include, exclude, min_elements)
-    report = QuantizeReport(policy.format.name, policy.preset, model_bytes_before=model_bytes(model))
+    # a wrong rotation request fails here, before any layer changes (the shape is a stand-in: K = 256)
+    rotation_group_of(rotation, rotation_group, policy.format.name, (1, rotation_group or 256))
+    rotation = "hadamard" if rotation not in (None, False, "none") else None
+    report = QuantizeReport(policy.format.name, policy.preset, model_bytes_before=model_bytes(model), rotation=rotation)
     layers = linear_layers(model)
     users = Counter(id(m.weight) for _, m in layers)
     tied: dict[int, QuantizedTensor] = {}  # a weight shared by several layers is quantized once
@@ -171,9 +181,15 @@ def quantize_(
                 f"or fill a meta model from a converted file with ditq.load_quantized(model, path)"
             )
         q = tied.get(id(w))
+        reason = decision.reason
         if q is None:
             src = w.detach() if device is None else w.detach().to(device)
-            q = quantize_weight(src, decision.format, rounding=rounding, name=key)
+            gk = rotation_group or 16
+            rot = rotation if decision.format == "int8-row" and shape[1] % gk == 0 else None
+            if rotation and rot is None:
+                reason += f"; unrotated (K={shape[1]} is not a multiple of {gk})"
+            q = quantize_weight(src, decision.format, rounding=rounding, name=key, rotation=rot,
+                                rotation_group=rotation_group if rot else None)
             del src
         users[id(w)] -= 1
         if users[id(w)] > 0:
@@ -186,7 +202,7 @@ def quantize_(
         if device is not None:
             module.to(device)
         del w
-        report.layers.append(LayerReport(name, shape, "quantize", decision.reason, q.format, before, q.nbytes_quantized))
+        report.layers.append(LayerReport(name, shape, "quantize", reason, q.format, before, q.nbytes_quantized))
         if verbose:
             print(f"  {name} {list(shape)} -> {q.format}")
 
