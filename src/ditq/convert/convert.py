@@ -53,6 +53,8 @@ class LayerRecord:
     bytes_out: int
     rel_error: float | None = None
     outlier_ratio: float | None = None
+    # learned rounding (issue 7): objective / held-out errors nearest vs learned, iterations, time, fallback
+    rounding: dict | None = None
 
 
 @dataclass
@@ -133,8 +135,25 @@ class ConvertReport:
         )
         rate = self.src_file_bytes / self.seconds / 1e9 if self.seconds else 0.0
         lines.append(f"  {self.seconds:.1f} s, {rate:.2f} GB/s read, peak RSS {self.peak_rss_bytes / 1e9:.2f} GB")
+        lines += self._rounding_lines()
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+    def _rounding_lines(self) -> list[str]:
+        """Learned rounding per layer: nearest vs learned on the objective and on held-out output error."""
+        reps = [r.rounding for r in self.layers if r.rounding is not None]
+        if not reps:
+            return []
+        from ..rounding import format_report
+
+        kept = [r for r in reps if not r.get("fallback")]
+        red = [r["heldout_reduction"] for r in kept if r.get("heldout_reduction") is not None]
+        lines = ["", f"  learned rounding: {len(kept)} of {len(reps)} layers learned, {len(reps) - len(kept)} kept "
+                     f"nearest" + (f"; held-out output MSE {-100 * sum(red) / len(red):+.1f}% on average over the "
+                                   f"learned layers" if red else "")]
+        lines += [f"    {format_report(r)}" + ("; bias corrected" if r.get("bias_correction") else "") for r in reps]
+        return lines
 
 
 def _size(n: float) -> str:
@@ -245,6 +264,7 @@ def convert_checkpoint(
     shard_size: int | str | None = None,
     rounding: str = "nearest",
     rounding_options: dict | None = None,
+    calibration=None,
     measure_error: bool = True,
     progress: bool = False,
     policy: Policy | None = None,
@@ -255,15 +275,26 @@ def convert_checkpoint(
     Every check that needs no tensor data (paths, headers, shards, formats, disk space) runs before
     anything is written; a failure later (a NaN weight, a full disk, Ctrl-C) removes the temporary output,
     so ``dst`` is either complete or untouched. ``policy`` / ``quantizer`` replace the per-layer decision
-    and quantization (hooks for learned rounding, rotation and quality-budget formats)."""
+    and quantization (hooks for rotation and quality-budget formats).
+
+    ``rounding="learned"`` runs ``ditq.rounding.round_layer`` per quantized layer with ``rounding_options``
+    (objective, optimizer, iters, rank_fraction, min_rank, max_rank, optimize_scale) and ``calibration``
+    (a ``ditq calibrate`` file or CalibrationStats); each layer's record then carries the rounding report,
+    and a bias correction from the calibration mean replaces the layer's ``.bias`` in the output."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     fmt = F.get_format(format)
-    options = {"rounding": rounding, **(rounding_options or {})} if rounding != "nearest" or rounding_options else {}
     if rounding not in ("nearest", "learned"):
         raise DitqError(f"unknown rounding {rounding!r}; choose nearest or learned")
+    if rounding == "nearest" and (rounding_options or calibration is not None):
+        raise DitqError("rounding options and --calibration only apply with --rounding learned; add it or drop them")
     if rounding == "learned" and importlib.util.find_spec("ditq.rounding") is None:
         raise DitqError("--rounding learned needs ditq.rounding, which this build does not have; use --rounding nearest")
+    unknown = sorted(set(rounding_options or {}) - set(ROUNDING_OPTION_NAMES))
+    if unknown:
+        raise DitqError(f"unknown rounding option(s) {unknown}; known: {', '.join(ROUNDING_OPTION_NAMES)}")
+    options = {"rounding": "learned", **(rounding_options or {})} if rounding == "learned" else {}
+    cal = _load_calibration(calibration) if rounding == "learned" else None
     dev = resolve_device(device)
     shard_bytes = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
 
@@ -275,6 +306,9 @@ def convert_checkpoint(
         plan = [(e, _static_decision(pol, e, options)) for e in layout.entries]
         report = ConvertReport(str(src), str(dst), fmt.name, pol.preset, pol.detected, str(dev))
         report.src_file_bytes = ckpt.file_size
+        rounder = None
+        if rounding == "learned":
+            plan, rounder = _learned_plan(plan, cal, options, report)
         _check_disk_space(dst, plan)
         if getattr(ckpt, "skipped", None):
             report.warnings.append(f"{len(ckpt.skipped)} non-tensor entries of SRC skipped (e.g. {ckpt.skipped[0]!r})")
@@ -294,7 +328,7 @@ def convert_checkpoint(
                 dtype = L.default_dtype(layout)
                 for e, d, value in prefetch(((e, d, L.load(ckpt, e, dtype)) for e, d in work), 2):
                     report.layers.append(_convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfinite,
-                                                      max_outlier_ratio, measure_error, quantizer))
+                                                      max_outlier_ratio, measure_error, quantizer, rounder))
                     del value
                     if e.nbytes >= SMALL_TENSOR_BYTES:
                         release_memory()
@@ -395,6 +429,80 @@ def _record(e: L.Entry, action: str, out: str, reason: str, bytes_out: int, **kw
     )
 
 
+# -- learned rounding (issue 7) ---------------------------------------------------------------------------
+ROUNDING_OPTION_NAMES = ("objective", "optimizer", "iters", "rank_fraction", "min_rank", "max_rank", "optimize_scale")
+
+
+def _load_calibration(calibration):
+    """A ``ditq calibrate`` file path -> CalibrationStats (objects pass through; None stays None)."""
+    if calibration is None or not isinstance(calibration, (str, os.PathLike)):
+        return calibration
+    from ..rounding import load_calibration
+
+    if not Path(calibration).is_file():
+        raise CheckpointError(f"calibration file {calibration} does not exist; create it with `ditq calibrate`")
+    return load_calibration(calibration)
+
+
+class _Rounder:
+    """Learned rounding in the stream. ``bias_of``: weight key -> its bias key, for the layers whose bias
+    may be corrected; the plan puts each such bias right after its weight, so the corrected bias (held in
+    ``corrected`` until written) replaces the source bias without holding more than one layer."""
+
+    def __init__(self, cal, options: dict, bias_of: dict[str, str]):
+        self.cal, self.options, self.bias_of = cal, options, bias_of
+        self.corrected: dict[str, torch.Tensor] = {}
+
+    def quantize(self, ckpt, key: str, w: torch.Tensor, d: Decision) -> tuple[QuantizedTensor, dict]:
+        from ..rounding import round_layer
+
+        bkey = self.bias_of.get(key)
+        bias = ckpt.get(bkey) if bkey is not None else None  # a small read out of file order
+        opts = {k: v for k, v in d.options.items() if k != "rounding"}
+        q, s, rep = round_layer(key, w, d.format, self.cal, bias=bias, device=w.device, **opts)
+        corrected = rep.pop("corrected_bias", None)
+        if corrected is not None and bkey is not None:
+            self.corrected[bkey] = corrected.detach().cpu()
+        rep = {k: v for k, v in rep.items() if not isinstance(v, torch.Tensor)}
+        return QuantizedTensor(q, s, d.format, w.dtype), rep
+
+
+def _learned_plan(plan, cal, options: dict, report: ConvertReport):
+    """(plan with each correctable bias moved right after its weight, the _Rounder); adds warnings when
+    learned rounding cannot do anything."""
+    objective = options.get("objective", "auto")
+    learned = [e.key for e, d in plan if d.quantize and d.options.get("rounding") == "learned"]
+    if cal is None and objective in ("auto", "activation"):
+        report.warnings.append(
+            "--rounding learned without --calibration and with objective auto keeps round-to-nearest on every layer "
+            "(data-free objectives are opt-in: --objective weight or svd); run `ditq calibrate` and pass --calibration"
+        )
+    elif cal is not None and learned and not any(cal.get(k) is not None for k in learned):
+        report.warnings.append(
+            "the calibration file has statistics for none of the quantized layers (does it belong to this model?); "
+            "every layer kept round-to-nearest"
+        )
+    bias_of = {}
+    if cal is not None:
+        present = {e.key: (e, d) for e, d in plan}
+        for k in learned:
+            b = L.layer_of(k) + ".bias"
+            if b in present and present[b][1].action != "drop" and not present[b][0].quantized and cal.get(k) is not None:
+                bias_of[k] = b
+    if bias_of:
+        moved = set(bias_of.values())
+        by_key = {e.key: (e, d) for e, d in plan}
+        out = []
+        for e, d in plan:
+            if e.key in moved:
+                continue
+            out.append((e, d))
+            if e.key in bias_of:
+                out.append(by_key[bias_of[e.key]])
+        plan = out
+    return plan, _Rounder(cal, options, bias_of)
+
+
 def count_nonfinite(w: torch.Tensor) -> int:
     """Number of NaN/Inf values. A float32 sum propagates any of them, so the exact (slower) count runs
     only when the sum is not finite (a NaN/Inf, or finite values whose sum overflows)."""
@@ -403,7 +511,8 @@ def count_nonfinite(w: torch.Tensor) -> int:
     return int((~torch.isfinite(w)).sum())
 
 
-def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfinite, max_ratio, measure_error, quantizer):
+def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfinite, max_ratio, measure_error, quantizer,
+                 rounder=None):
     layer = L.layer_of(e.key)
     if d.action == "copy":
         conf = L.comfy_conf(value.format)
@@ -430,7 +539,11 @@ def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfini
             if ratio > max_ratio:
                 d = pol.keep(e.key, e.dtype, f"outlier ratio > {max_ratio:g}")
         if d.quantize:
-            qt = quantizer(e.key, w, d)
+            rrep = None
+            if rounder is not None and d.options.get("rounding") == "learned":
+                qt, rrep = rounder.quantize(ckpt, e.key, w, d)
+            else:
+                qt = quantizer(e.key, w, d)
             err = weight_error(qt, w) if measure_error else None
             conf = L.comfy_conf(qt.format)
             out = L.quantized_to_disk(layer, qt, conf)
@@ -438,11 +551,15 @@ def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfini
                 writer.add(k, t)
             quant_layers[layer] = conf
             nbytes = sum(t.numel() * t.element_size() for t in out.values())
-            return _record(e, "quantized", qt.format, d.reason, nbytes, rel_error=err, outlier_ratio=ratio)
+            return _record(e, "quantized", qt.format, d.reason, nbytes, rel_error=err, outlier_ratio=ratio, rounding=rrep)
         value = w.cpu() if w.device.type != "cpu" else w
         rec_ratio = ratio
     else:
         rec_ratio = None
+    if rounder is not None and e.key in rounder.corrected:  # a learned layer's bias, corrected for its rounding
+        value = rounder.corrected.pop(e.key)
+        d = Decision(d.action, d.reason + "; corrected for the weight's rounding (calibration mean)", d.format,
+                     d.out_dtype, d.options)
 
     # keep: write the tensor as is, or in the dtype the policy asks for
     t = value.dequantize() if isinstance(value, QuantizedTensor) else value
@@ -520,6 +637,9 @@ def _metadata(ckpt, layout, report, pol, options, src: Path, quant_layers) -> di
         "source_bytes": ckpt.file_size,
         "source_layout": layout.kind,
     }
+    corrected = [r.key for r in report.layers if r.action == "kept" and "corrected for the weight's rounding" in r.reason]
+    if corrected:  # verify then accepts these biases differing from SRC
+        ditq["corrected_biases"] = corrected
     meta[L.DITQ_METADATA_KEY] = json.dumps(ditq)
     if quant_layers:
         meta[L.QUANT_METADATA_KEY] = L.quantization_metadata(quant_layers)
@@ -562,6 +682,19 @@ def add_arguments(p) -> None:
                    help="keep layers whose worst scale group has amax/RMS above R (about R/440 relative int8 error)")
     p.add_argument("--keep-nonfinite", action="store_true", help="keep NaN/Inf weights unquantized instead of failing")
     p.add_argument("--rounding", default="nearest", choices=["nearest", "learned"], help="rounding of weights (default nearest)")
+    g = p.add_argument_group("learned rounding (with --rounding learned)")
+    g.add_argument("--calibration", default=None, metavar="FILE", help="input statistics from `ditq calibrate` (without "
+                   "it, objective auto keeps nearest)")
+    g.add_argument("--objective", default="auto", choices=["auto", "activation", "weight", "svd"],
+                   help="what the rounding minimizes (auto: output error on the calibration inputs)")
+    g.add_argument("--optimizer", default="original", choices=["original", "adamw", "radam"],
+                   help="original: GPTQ error feedback (+ coordinate descent with --iters); adamw/radam refine it")
+    g.add_argument("--iters", type=int, default=None, metavar="N",
+                   help="refinement iterations (default 0 for original, 100 for adamw/radam)")
+    g.add_argument("--rank-fraction", type=float, default=0.05, metavar="P", help="svd objective: rank = P x min(N, K)")
+    g.add_argument("--min-rank", type=int, default=8, metavar="K", help="svd objective: smallest rank (default 8)")
+    g.add_argument("--max-rank", type=int, default=256, metavar="K", help="svd objective: largest rank (default 256)")
+    g.add_argument("--no-scale-search", action="store_true", help="keep the amax scales (no shrink search)")
     p.add_argument("--device", default="auto", help="where to quantize: auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--shard-size", default=None, metavar="SIZE", help="write a folder of shards of at most SIZE (e.g. 5GB)")
     p.add_argument("--no-error", action="store_true", help="skip measuring each layer's weight error (a little faster)")
@@ -584,6 +717,8 @@ def main(args) -> int:
         device=args.device,
         shard_size=args.shard_size,
         rounding=args.rounding,
+        rounding_options=_rounding_options(args),
+        calibration=args.calibration,
         measure_error=not args.no_error,
         progress=not args.quiet,
     )
@@ -591,7 +726,27 @@ def main(args) -> int:
         write_json(report.to_dict(), args.json)
     if not args.quiet:
         print(report.summary())
+    else:
+        for w in report.warnings:
+            print(f"ditq convert: warning: {w}", file=sys.stderr)
     return 0
+
+
+def _rounding_options(args) -> dict | None:
+    """round_layer's options from the command line; None with --rounding nearest, where a learned-rounding
+    flag changed from its default is an error rather than silently ignored."""
+    opts = {"objective": args.objective, "optimizer": args.optimizer, "iters": args.iters,
+            "rank_fraction": args.rank_fraction, "min_rank": args.min_rank, "max_rank": args.max_rank,
+            "optimize_scale": not args.no_scale_search}
+    if args.rounding == "learned":
+        return opts
+    defaults = {"objective": "auto", "optimizer": "original", "iters": None, "rank_fraction": 0.05, "min_rank": 8,
+                "max_rank": 256, "optimize_scale": True}
+    changed = [k for k in opts if opts[k] != defaults[k]]
+    if changed:
+        flags = ["--no-scale-search" if k == "optimize_scale" else "--" + k.replace("_", "-") for k in changed]
+        raise DitqError(f"{', '.join(flags)} only apply with --rounding learned; add it or drop them")
+    return None
 
 
 def write_json(obj, path: str) -> None:
