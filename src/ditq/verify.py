@@ -10,6 +10,11 @@ For each entry of DST (read in any layout ditq understands, see ``checkpoint.lay
   to lower the *output* error, so for a DST that records ``rounding: learned`` the bound is on the relative
   weight error instead: at most ``LEARNED_REL_FACTOR`` x that of round-to-nearest on the same source
   weight (a check against corruption or a wrong layer, not a proof of the rounding);
+- a Hadamard-rotated int8 weight ("convrot") is dequantized to the original basis (q * scale, then H_g^T per
+  group) and compared with the source there. The rotation mixes each group's errors, so a per-element step
+  bound does not hold after rotating back; the bound is on the relative error instead: H_g is orthogonal,
+  so a row's error norm is the same in both bases and at most ``limit x scale_row x sqrt(K)``, which gives
+  ``rel <= limit x sqrt(K x sum_r scale_r^2) / ||W||`` (limit: the rounding's step bound, 0.5 for nearest);
 - a tensor kept unquantized must equal the source tensor cast to its dtype, bit for bit, except a bias
   DST records as corrected by learned rounding (same shape and dtype, finite);
 - the header's ``_quantization_metadata`` and the ``.comfy_quant`` tensors must agree.
@@ -188,12 +193,14 @@ def _check_entry(e: L.Entry, d_val, s_val, limit: float, learned: bool = False, 
         if bad:
             return KeyCheck(e.key, d_val.format, False, bad)
         if isinstance(s_val, QuantizedTensor):  # copied from an already quantized source
-            same = (s_val.format == d_val.format and _bits_equal(s_val.qdata, d_val.qdata)
+            same = (s_val.format == d_val.format and s_val.rotation == d_val.rotation and _bits_equal(s_val.qdata, d_val.qdata)
                     and _bits_equal(s_val.scale.float(), d_val.scale.float()))
             return KeyCheck(e.key, d_val.format, same, "" if same else "differs from the quantized SRC layer",
                             0.0 if same else None, 0.0 if same else None)
         if not s_val.is_floating_point():
             return KeyCheck(e.key, d_val.format, False, f"SRC tensor has dtype {s_val.dtype}")
+        if d_val.rotation:
+            return _check_rotated(e, d_val, s_val, limit)
         rel, steps = weight_error_stats(d_val, s_val)
         if learned:
             bound = LEARNED_REL_FACTOR * _nearest_rel_error(s_val, F.get_format(d_val.format)) + 1e-6
@@ -216,6 +223,22 @@ def _check_entry(e: L.Entry, d_val, s_val, limit: float, learned: bool = False, 
     same = _bits_equal(s_val.to(d_val.dtype), d_val)
     detail = "" if same else f"differs from SRC ({s_val.dtype} -> {d_val.dtype})"
     return KeyCheck(e.key, kind, same, detail)
+
+
+def _check_rotated(e: L.Entry, d_val: QuantizedTensor, s_val: torch.Tensor, limit: float) -> KeyCheck:
+    """A rotated int8-row weight against its source, in the original basis, by relative error (see the
+    module docstring for the bound)."""
+    w = s_val.double()
+    deq = d_val.dequantize(torch.float32).double()  # q * scale, then H_g^T per group (FORMATS.md)
+    num, den = float((deq - w).square().sum()), float(w.square().sum())
+    rel = (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
+    s = d_val.scale.double().reshape(-1).expand(w.shape[0])
+    bound = limit * float((s.square().sum() * w.shape[1]).sqrt()) / den ** 0.5 if den > 0 else 0.0
+    bound = bound * (1 + 1e-4) + 1e-7  # float32 dequantization and rotation
+    ok = rel <= bound
+    detail = "" if ok else (f"rotated (hadamard-{d_val.rotation}): relative error {rel:.3%} after rotating back "
+                            f"exceeds the bound {bound:.3%} of its scales")
+    return KeyCheck(e.key, f"{d_val.format}+h{d_val.rotation}", ok, detail, rel, None)
 
 
 def _check_metadata(dlay: L.Layout, report: VerifyReport) -> None:

@@ -14,8 +14,11 @@ and the header may carry ``_quantization_metadata`` = json.dumps({"format_versio
 
 In memory, ditq keeps ``formats.py``'s shapes: row formats [N, 1], block [N/128, K/128], tensor []. The
 functions here translate both ways, and ``iter_layers`` gives a runtime loader (key, QuantizedTensor or
-tensor) pairs whatever layout the file uses. Formats ditq does not implement (rotated "convrot" int8,
-e5m2, nvfp4, other group sizes...) raise UnsupportedFormatError rather than load wrongly.
+tensor) pairs whatever layout the file uses. Hadamard-rotated int8 (ComfyUI's "convrot":
+``{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": g}``, the keys at top level or in
+``params``) loads as a QuantizedTensor with ``rotation = g``. Formats ditq does not implement (convrot on
+another format or group size, e5m2, nvfp4, other block sizes...) raise UnsupportedFormatError rather than
+load wrongly.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ COMFY_FORMATS = {
     "float8_e4m3fn_blockwise": "fp8-block",
 }
 AUX_SUFFIXES = (".weight_scale", ".comfy_quant", ".scale_weight", ".scale_input")
+CONVROT_FORMATS = ("int8_tensorwise", "int8_rowwise")  # the per-row int8 strings a rotation may carry
+CONVROT_GROUPS = (16, 64, 256)  # powers of 4 that ComfyUI uses and ditq's rotated kernels implement
+CONVROT_DEFAULT_GROUP = 256  # comfy-kitchen's default when a file omits convrot_groupsize
 
 
 # -- the per-layer JSON ----------------------------------------------------------------------------------
@@ -80,6 +86,13 @@ def comfy_conf(fmt: str | F.Format, **extra) -> dict:
     return conf
 
 
+def layer_conf(qt: QuantizedTensor) -> dict:
+    """The ``.comfy_quant`` object of a quantized weight, with ``convrot`` / ``convrot_groupsize`` when it is
+    Hadamard-rotated (stock ComfyUI's rotated int8_tensorwise)."""
+    g = getattr(qt, "rotation", None)
+    return comfy_conf(qt.format, convrot=True, convrot_groupsize=int(g)) if g else comfy_conf(qt.format)
+
+
 def _conf_get(conf: dict, key: str, default=None):
     """A key at top level or in the nested ``params`` object older tools wrote."""
     params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
@@ -90,13 +103,7 @@ def format_of(conf: dict, where: str) -> F.Format:
     """The ditq format a ``.comfy_quant`` object denotes (before looking at scale shapes), or raise
     UnsupportedFormatError naming the layer and what to do."""
     name = conf.get("format")
-    if _conf_get(conf, "convrot", False):
-        # Hook for the rotation feature: accept here once ditq implements the rotated int8 layout.
-        raise UnsupportedFormatError(
-            f"{where}: layer uses Hadamard-rotated int8 ('convrot', group size {_conf_get(conf, 'convrot_groupsize', 256)}), "
-            f"which ditq does not implement yet; loading it as plain int8 would be wrong. Convert the original "
-            f"bf16/fp16 checkpoint with `ditq convert` instead"
-        )
+    rotation_of(conf, where)  # refuses rotated variants ditq does not implement
     if name not in COMFY_FORMATS:
         raise UnsupportedFormatError(
             f"{where}: quantization format {name!r} is not one ditq implements "
@@ -111,6 +118,27 @@ def format_of(conf: dict, where: str) -> F.Format:
                 f"Convert the original checkpoint with `ditq convert --format {fmt.name}`"
             )
     return fmt
+
+
+def rotation_of(conf: dict, where: str) -> int | None:
+    """The Hadamard group size of a rotated ("convrot") layer config, None when not rotated. Raises
+    UnsupportedFormatError for a rotation ditq does not implement (on a format other than per-row int8,
+    or a group size other than 16 / 64 / 256): loading it as plain int8 would be wrong."""
+    if not _conf_get(conf, "convrot", False):
+        return None
+    name, g = conf.get("format"), _conf_get(conf, "convrot_groupsize", CONVROT_DEFAULT_GROUP)
+    if name not in CONVROT_FORMATS:
+        raise UnsupportedFormatError(
+            f"{where}: Hadamard-rotated ('convrot') {name!r}; ditq implements the rotation for int8_tensorwise "
+            f"only. Convert the original bf16/fp16 checkpoint with `ditq convert --rotation hadamard`"
+        )
+    if not isinstance(g, int) or isinstance(g, bool) or g not in CONVROT_GROUPS:
+        raise UnsupportedFormatError(
+            f"{where}: Hadamard-rotated int8 with convrot_groupsize {g!r}; ditq implements group sizes "
+            f"{', '.join(map(str, CONVROT_GROUPS))}. Convert the original checkpoint with `ditq convert --rotation "
+            f"hadamard --rotation-group G`"
+        )
+    return g
 
 
 # -- scales: memory <-> disk -----------------------------------------------------------------------------
@@ -159,7 +187,7 @@ def _scale_mismatch(shape, fmt: F.Format, n: int, k: int, where: str) -> Checkpo
 
 def quantized_to_disk(layer: str, qt: QuantizedTensor, conf: dict | None = None) -> dict[str, torch.Tensor]:
     """The tensors written for one quantized layer: ``L.weight``, ``L.weight_scale``, ``L.comfy_quant``."""
-    conf = conf or comfy_conf(qt.format)
+    conf = conf or layer_conf(qt)
     return {
         f"{layer}.weight": qt.qdata.detach().cpu().contiguous(),
         f"{layer}.weight_scale": disk_scale(qt.scale.cpu(), qt.format),
@@ -200,6 +228,7 @@ class Entry:
     conf: dict | None = None
     partial_blocks: bool = False  # block format with dims not divisible by 128: loaded dequantized
     legacy: bool = False
+    rotation: int | None = None  # Hadamard group size of a rotated ("convrot") int8 weight
 
     @property
     def quantized(self) -> bool:
@@ -324,10 +353,14 @@ def _quantized_entry(ckpt: Checkpoint, layer: str, conf: dict, legacy: bool) -> 
     if skey not in ckpt:
         raise CheckpointError(f"{where}: quantized ({conf.get('format')}) but {skey!r} is missing")
     fmt = format_of(conf, where)
+    rotation = None if legacy else rotation_of(conf, where)
     winfo, sinfo = ckpt.info(wkey), ckpt.info(skey)
     if len(winfo.shape) != 2:
         raise CheckpointError(f"{where}: quantized weight has shape {list(winfo.shape)}; expected [N, K]")
     n, k = winfo.shape
+    if rotation and k % rotation:
+        raise CheckpointError(f"{where}: rotated int8 with group size {rotation}, but K={k} is not divisible by it; "
+                              f"the file is inconsistent")
     if winfo.dtype != fmt.storage and not (not fmt.is_int and winfo.dtype == torch.uint8):  # old tools: fp8 as bytes
         raise CheckpointError(f"{where}: format {conf.get('format')} stores {fmt.storage}, but the tensor is {winfo.dtype}")
     if not sinfo.dtype.is_floating_point:
@@ -338,7 +371,8 @@ def _quantized_entry(ckpt: Checkpoint, layer: str, conf: dict, legacy: bool) -> 
                    and tuple(sinfo.shape) == (math.ceil(n / F.BLOCK), math.ceil(k / F.BLOCK)))
     if not partial and not _scale_fits(sinfo.shape, fmt, n, k):
         raise _scale_mismatch(sinfo.shape, fmt, n, k, _where(ckpt, skey))
-    return Entry(wkey, (n, k), winfo.dtype, [wkey, skey], winfo.nbytes + sinfo.nbytes, fmt, conf, partial, legacy)
+    return Entry(wkey, (n, k), winfo.dtype, [wkey, skey], winfo.nbytes + sinfo.nbytes, fmt, conf, partial, legacy,
+                 rotation)
 
 
 def default_dtype(layout: Layout) -> torch.dtype:
@@ -364,7 +398,7 @@ def load(ckpt: Checkpoint, entry: Entry, dtype: torch.dtype = torch.bfloat16) ->
         s = raw_scale.float().repeat_interleave(F.BLOCK, 0)[:n].repeat_interleave(F.BLOCK, 1)[:, :k]
         return (q.float() * s).to(dtype) if entry.fmt.is_int else q.to(dtype) * s.to(dtype)
     scale = memory_scale(raw_scale, entry.fmt, n, k, where)
-    return QuantizedTensor(q, scale, entry.fmt.name, dtype)
+    return QuantizedTensor(q, scale, entry.fmt.name, dtype, rotation=entry.rotation)
 
 
 def iter_layers(

@@ -55,6 +55,7 @@ class LayerRecord:
     outlier_ratio: float | None = None
     # learned rounding (issue 7): objective / held-out errors nearest vs learned, iterations, time, fallback
     rounding: dict | None = None
+    rotation: int | None = None  # Hadamard group size of a rotated int8-row layer (ComfyUI "convrot")
 
 
 @dataclass
@@ -107,7 +108,8 @@ class ConvertReport:
         """The table printed after a conversion: groups of layers with counts, parameters and bytes."""
         groups: dict[tuple[str, str], list[LayerRecord]] = {}
         for r in self.layers:
-            label = (r.action, r.out if r.action in ("quantized", "copied") else r.reason)
+            out = r.out + (f" hadamard-{r.rotation}" if r.rotation else "")
+            label = (r.action, out if r.action in ("quantized", "copied") else r.reason)
             groups.setdefault(label, []).append(r)
         order = {a: i for i, a in enumerate(ACTIONS)}
         rows = sorted(groups.items(), key=lambda kv: (order[kv[0][0]], -sum(r.bytes_in for r in kv[1])))
@@ -265,6 +267,8 @@ def convert_checkpoint(
     rounding: str = "nearest",
     rounding_options: dict | None = None,
     calibration=None,
+    rotation: str | None = None,
+    rotation_group: int | None = None,
     measure_error: bool = True,
     progress: bool = False,
     policy: Policy | None = None,
@@ -280,7 +284,11 @@ def convert_checkpoint(
     ``rounding="learned"`` runs ``ditq.rounding.round_layer`` per quantized layer with ``rounding_options``
     (objective, optimizer, iters, rank_fraction, min_rank, max_rank, optimize_scale) and ``calibration``
     (a ``ditq calibrate`` file or CalibrationStats); each layer's record then carries the rounding report,
-    and a bias correction from the calibration mean replaces the layer's ``.bias`` in the output."""
+    and a bias correction from the calibration mean replaces the layer's ``.bias`` in the output.
+
+    ``rotation="hadamard"`` (int8-row only) writes ComfyUI's rotated int8 ("convrot") with group
+    ``rotation_group`` (default per layer: ``formats.rotation_group_size(K)``); a layer whose K the group
+    does not divide is quantized unrotated and its record says so."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     fmt = F.get_format(format)
@@ -294,6 +302,8 @@ def convert_checkpoint(
     if unknown:
         raise DitqError(f"unknown rounding option(s) {unknown}; known: {', '.join(ROUNDING_OPTION_NAMES)}")
     options = {"rounding": "learned", **(rounding_options or {})} if rounding == "learned" else {}
+    if rotation is not None or rotation_group is not None:
+        _check_rotation_request(rotation, rotation_group, fmt, rounding)
     cal = _load_calibration(calibration) if rounding == "learned" else None
     dev = resolve_device(device)
     shard_bytes = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
@@ -303,7 +313,8 @@ def convert_checkpoint(
         _check_destination(src, dst, ckpt.files, bool(shard_bytes))
         layout = L.scan(ckpt)
         pol = policy or Policy(fmt.name, preset, [e.key for e in layout.entries], include, exclude, min_elements, keep_dtype)
-        plan = [(e, _static_decision(pol, e, options)) for e in layout.entries]
+        plan = [(e, _static_decision(pol, e, options, rotation_group if rotation else None, bool(rotation)))
+                for e in layout.entries]
         report = ConvertReport(str(src), str(dst), fmt.name, pol.preset, pol.detected, str(dev))
         report.src_file_bytes = ckpt.file_size
         rounder = None
@@ -366,7 +377,32 @@ def _advance(bar, e: L.Entry, report: ConvertReport) -> None:
         bar.set_postfix_str(f"out/in {report.bytes_out / max(report.bytes_in, 1):.0%}", refresh=False)
 
 
-def _static_decision(pol: Policy, e: L.Entry, options: dict) -> Decision:
+def _check_rotation_request(rotation, group, fmt: F.Format, rounding: str) -> None:
+    if rotation != "hadamard":
+        raise DitqError(f"unknown rotation {rotation!r}; the one ditq implements is --rotation hadamard"
+                        if rotation is not None else "--rotation-group needs --rotation hadamard")
+    if fmt.name != "int8-row":
+        raise DitqError(f"--rotation hadamard applies to --format int8-row only (ComfyUI's rotated int8_tensorwise), "
+                        f"not {fmt.name}; drop --rotation or use --format int8-row")
+    if group is not None and group not in L.CONVROT_GROUPS:
+        raise DitqError(f"--rotation-group {group} is not supported; choose one of "
+                        f"{', '.join(map(str, L.CONVROT_GROUPS))} (powers of 4)")
+    if rounding != "nearest":
+        raise DitqError("--rotation hadamard with --rounding learned is not implemented; use one or the other")
+
+
+def _rotation_group(k: int, group: int | None) -> tuple[int | None, str]:
+    """(group size for a weight with K inputs or None, why not rotated)."""
+    if group is not None:
+        return (group, "") if k % group == 0 else (None, f"K={k} not divisible by rotation group {group}: not rotated")
+    g = F.rotation_group_size(k) if k % 4 == 0 else 1
+    if g not in L.CONVROT_GROUPS:
+        return None, f"K={k} not divisible by 16: not rotated"
+    return g, ""
+
+
+def _static_decision(pol: Policy, e: L.Entry, options: dict, rotation_group: int | None = None,
+                     rotate: bool = False) -> Decision:
     if e.quantized and not e.partial_blocks:
         d = pol.decide(e.key, e.shape, torch.bfloat16)
         if d.action == "drop":
@@ -376,6 +412,12 @@ def _static_decision(pol: Policy, e: L.Entry, options: dict) -> Decision:
     d = pol.decide(e.key, e.shape, dtype)
     if d.quantize and options:
         d.options = {**options, **d.options}
+    if d.quantize and rotate:
+        g, why = _rotation_group(e.shape[1], rotation_group)
+        if g:
+            d.options = {**d.options, "rotation": "hadamard", "rotation_group": g}
+        else:
+            d.reason = f"{d.reason}; {why}" if d.reason else why
     return d
 
 
@@ -515,12 +557,13 @@ def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfini
                  rounder=None):
     layer = L.layer_of(e.key)
     if d.action == "copy":
-        conf = L.comfy_conf(value.format)
+        conf = L.layer_conf(value)
         out = L.quantized_to_disk(layer, value, conf)
         for k, t in out.items():
             writer.add(k, t)
         quant_layers[layer] = conf
-        return _record(e, "copied", value.format, d.reason, sum(t.numel() * t.element_size() for t in out.values()))
+        return _record(e, "copied", value.format, d.reason, sum(t.numel() * t.element_size() for t in out.values()),
+                       rotation=value.rotation)
 
     if d.action == "quantize":
         w = value.to(dev, non_blocking=True) if dev.type != "cpu" else value
@@ -545,13 +588,14 @@ def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfini
             else:
                 qt = quantizer(e.key, w, d)
             err = weight_error(qt, w) if measure_error else None
-            conf = L.comfy_conf(qt.format)
+            conf = L.layer_conf(qt)
             out = L.quantized_to_disk(layer, qt, conf)
             for k, t in out.items():
                 writer.add(k, t)
             quant_layers[layer] = conf
             nbytes = sum(t.numel() * t.element_size() for t in out.values())
-            return _record(e, "quantized", qt.format, d.reason, nbytes, rel_error=err, outlier_ratio=ratio, rounding=rrep)
+            return _record(e, "quantized", qt.format, d.reason, nbytes, rel_error=err, outlier_ratio=ratio, rounding=rrep,
+                           rotation=qt.rotation)
         value = w.cpu() if w.device.type != "cpu" else w
         rec_ratio = ratio
     else:
@@ -571,10 +615,12 @@ def _convert_one(ckpt, e, d, value, writer, quant_layers, pol, dev, keep_nonfini
 
 
 def weight_error(qt: QuantizedTensor, w: torch.Tensor) -> float:
-    """||dequantize(qt) - w|| / ||w|| of a weight w [N, K] (norms over row chunks, summed in float64)."""
+    """||dequantize(qt) - w|| / ||w|| of a weight w [N, K] (norms over row chunks, summed in float64;
+    rotated weights in the rotated basis, which gives the same norms)."""
     num = den = 0.0
     for q, s, ref in _row_chunks(qt, w):
-        ref = ref.float()
+        # a rotated weight is compared in the rotated basis: H_g is orthogonal, so the norms are the same
+        ref = F.rotate(ref.float(), qt.rotation) if qt.rotation else ref.float()
         diff = F.dequantize_ref(q, s, qt.format, torch.float32).sub_(ref)
         # float32 norms (cascade-summed, ~1e-7 relative) are 30x faster than float64 ones on a CPU
         num += float(torch.linalg.vector_norm(diff)) ** 2
@@ -695,6 +741,10 @@ def add_arguments(p) -> None:
     g.add_argument("--min-rank", type=int, default=8, metavar="K", help="svd objective: smallest rank (default 8)")
     g.add_argument("--max-rank", type=int, default=256, metavar="K", help="svd objective: largest rank (default 256)")
     g.add_argument("--no-scale-search", action="store_true", help="keep the amax scales (no shrink search)")
+    p.add_argument("--rotation", default=None, choices=["hadamard"],
+                   help="int8-row only: Hadamard-rotated int8 (ComfyUI 'convrot'), better with outlier activations")
+    p.add_argument("--rotation-group", type=int, default=None, metavar="G",
+                   help="rotation group size 16, 64 or 256 (default per layer: the largest dividing K, up to 256)")
     p.add_argument("--device", default="auto", help="where to quantize: auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--shard-size", default=None, metavar="SIZE", help="write a folder of shards of at most SIZE (e.g. 5GB)")
     p.add_argument("--no-error", action="store_true", help="skip measuring each layer's weight error (a little faster)")
@@ -719,6 +769,8 @@ def main(args) -> int:
         rounding=args.rounding,
         rounding_options=_rounding_options(args),
         calibration=args.calibration,
+        rotation=args.rotation,
+        rotation_group=args.rotation_group,
         measure_error=not args.no_error,
         progress=not args.quiet,
     )
