@@ -131,20 +131,29 @@ def test_key_map_and_device(tmp_path):
     assert report.quantized == {"fp8-row": 12} and m.proj_out.weight.device.type == "cpu"
 
 
-def test_rotated_int8_is_refused(tmp_path):
+def test_rotated_int8_loads_as_a_rotated_layer(tmp_path):
+    """A ComfyUI ConvRot layer (weight rotated by H_g per group of K, then int8 per row) loads as a rotated
+    QuantizedTensor whose linear equals x @ W^T within int8-row error."""
     torch.manual_seed(4)
     src = TinyDiT().eval()
-    sd = {}
-    for name, t in src.state_dict().items():
-        sd[name] = t
-    q, s = F.quantize_weight_ref(src.transformer_blocks[0].to_q.weight.data, "int8-row")
+    sd = dict(src.state_dict())
+    w = src.transformer_blocks[0].to_q.weight.data
+    g = 64
+    q, s = F.quantize_weight_ref(F.rotate(w, g), "int8-row")
     sd["transformer_blocks.0.to_q.weight"] = q
     sd["transformer_blocks.0.to_q.weight_scale"] = s
-    sd["transformer_blocks.0.to_q.comfy_quant"] = _conf_tensor({"format": "int8_tensorwise", "convrot": True})
+    sd["transformer_blocks.0.to_q.comfy_quant"] = _conf_tensor(
+        {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": g})
     path = tmp_path / "rot.safetensors"
     save_file(sd, str(path))
-    with pytest.raises(UnsupportedFormatError, match="convrot"):
-        ditq.load_quantized(_skeleton(), path)
+    m = _skeleton()
+    ditq.load_quantized(m, path)
+    qw = m.transformer_blocks[0].to_q.weight
+    assert isinstance(qw, ditq.QuantizedTensor) and qw.rotation == g
+    assert torch.equal(qw.qdata, q)
+    x = torch.randn(3, w.shape[1])
+    y = torch.nn.functional.linear(x, qw)
+    assert F.relative_error(y, x.double() @ w.double().t()) < 0.025
 
 
 def test_quantized_weight_for_a_non_linear_is_refused(tmp_path):
