@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import ditq
 from ditq import formats as F
-from ditq.errors import CheckpointError, UnsupportedFormatError
+from ditq.errors import CheckpointError
 from ditq.nn import empty_weights
 from ditq.tensor import QuantizedTensor
 
