@@ -452,3 +452,22 @@ def test_wan_original_names_with_bias_merge_and_dynamic(tmp_path):
     L.disable_lora(dynamic, "wan")
     with torch.no_grad():
         assert torch.equal(_layers(dynamic)["blocks.0.attn1.to_q"](x), _layers(base)["blocks.0.attn1.to_q"](x))
+
+
+def test_merge_into_a_rotated_weight_keeps_the_rotation():
+    torch.manual_seed(7)
+    lin = torch.nn.Linear(256, 128)
+    w0 = lin.weight.detach().clone()
+    lin.weight = torch.nn.Parameter(ditq.quantize_weight(w0, "int8-row", rotation="hadamard"), requires_grad=False)
+    model = torch.nn.Sequential(lin)
+    a, b = torch.randn(8, 256) * 0.05, torch.randn(128, 8) * 0.05
+    ditq.apply_lora(model, {"0.lora_A.weight": a, "0.lora_B.weight": b}, mode="merge")
+    qw = model[0].weight
+    assert qw.rotation == 256
+    target = w0 + b @ a
+    want = ditq.quantize_weight(target, "int8-row", rotation="hadamard")
+    err = F.relative_error(qw.dequantize(torch.float32), target)
+    # merging requantizes an already quantized weight: within 2x the error of quantizing the merged weight
+    assert err <= 2 * F.relative_error(want.dequantize(torch.float32), target)
+    assert F.relative_error(ditq.quantize_weight(w0, "int8-row", rotation="hadamard").dequantize(torch.float32),
+                            target) > 4 * err  # the update landed

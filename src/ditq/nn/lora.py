@@ -464,7 +464,8 @@ def _merge(t: _Target, scale: float) -> None:
     merged = w.dequantize(torch.float32) if isinstance(w, QuantizedTensor) else w.to(torch.float32, copy=True)
     merged.addmm_(t.B.to(device, torch.float32), t.A.to(device, torch.float32), alpha=scale * t.factor)
     if isinstance(w, QuantizedTensor):
-        w.copy_(quantize_weight(merged, w.format, name=f"{t.name}.weight"))  # copies qdata and scale
+        rot = {"rotation": "hadamard", "rotation_group": w.rotation} if w.rotation else {}
+        w.copy_(quantize_weight(merged, w.format, name=f"{t.name}.weight", **rot))  # copies qdata and scale
     else:
         w.copy_(merged)
     if t.bias is not None:
