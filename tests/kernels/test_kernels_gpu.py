@@ -95,7 +95,7 @@ def test_launch_plans_match_the_general_path(fmt, poisoned, seed):
     n, k = 640, 1536
     wq, ws = ops.quant_weight(torch.randn(n, k, device="cuda") * 0.02, f)
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    limit = ops.weight_only_max_m(b)
+    limit = ops.weight_only_max_m(b, f)
     cases = [((1, k), b, None), ((2, 8, k), b, None), ((limit, k), None, torch.float32), ((limit + 1, k), b, None),
              ((3, 100, k), b, torch.float32), ((5000, k), b, None)]  # fmt: skip
     for shape, bias, out_dtype in cases:
@@ -144,7 +144,7 @@ def test_linear_in_a_cuda_graph(fmt, seed):
     g.replay()
     for x, y in zip(xs, outs):
         eager = ops.linear(x, wq, ws, fmt)
-        if x.shape[0] > ops.weight_only_max_m(x):
+        if x.shape[0] > ops.weight_only_max_m(x, fmt):
             assert torch.equal(y, eager), f"seed {seed} M={x.shape[0]}"
         else:  # the capture stream had no split-K workspace yet: unsplit K, another summation order
             assert F.relative_error(y, eager) < 5e-3, f"seed {seed} M={x.shape[0]}"

@@ -135,12 +135,12 @@ def _eager_overhead(ops, fmts) -> dict:
     b = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
     res["bf16 F.linear"] = _per_call_us(lambda: torch.nn.functional.linear(x, w, b))
     wqs = {fmt: ops.quant_weight(w.float(), fmt) for fmt in fmts}
-    limit = CF.WEIGHT_ONLY_MAX_M
+    limit = dict(CF.WEIGHT_ONLY_MAX_M)
     for fmt, (wq, ws) in wqs.items():
         res[f"ditq {fmt}"] = _per_call_us(lambda: ops.linear(x, wq, ws, fmt, b))
         res[f"custom op {fmt}"] = _per_call_us(lambda: torch.ops.ditq.linear(x, wq, ws, fmt, b, torch.bfloat16))
     try:
-        CF.WEIGHT_ONLY_MAX_M = 0
+        CF.WEIGHT_ONLY_MAX_M.update(int8=0, fp8=0)
         ops.clear_plans()
         for fmt, (wq, ws) in wqs.items():
             res[f"ditq W8A8 {fmt}"] = _per_call_us(lambda: ops.linear(x, wq, ws, fmt, b))
@@ -151,7 +151,7 @@ def _eager_overhead(ops, fmts) -> dict:
                 wq, ws = wqs[fmt]
                 res[f"ditq W8A8 triton launcher {fmt}"] = _per_call_us(lambda: ops.linear(x, wq, ws, fmt, b), 500)
     finally:
-        CF.WEIGHT_ONLY_MAX_M = limit
+        CF.WEIGHT_ONLY_MAX_M.update(limit)
         Q.RAW_LAUNCH = True
         ops.clear_plans()
     res["torch.empty"] = _per_call_us(lambda: torch.empty(16, 1024, dtype=torch.bfloat16, device="cuda"))

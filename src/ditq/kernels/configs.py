@@ -84,16 +84,22 @@ def get_config(fmt: str, m: int, n: int, k: int) -> Config:
     return heuristic(fmt, m, n, k)
 
 
-WEIGHT_ONLY_MAX_M = 64
+WEIGHT_ONLY_MAX_M = {"int8": 32, "fp8": 16}
 """Rows up to which ``ops.linear`` on a GPU takes the weight-only kernel (one launch, x unquantized) instead of
-act quant + W8A8 GEMM: measured on an H200, bench/NOTES.md ("Small M")."""
+act quant + W8A8 GEMM, per storage kind: measured on an H200 (bench/NOTES.md, "Small M": at M=64 every
+weight-only variant was slower than bf16; e4m3 -> bf16 conversion costs more than int8 -> bf16)."""
+
+
+def weight_only_max_m(fmt: str) -> int:
+    return WEIGHT_ONLY_MAX_M["fp8" if fmt.startswith("fp8") else "int8"]
 
 
 def weight_only_config(fmt: str, m: int, n: int, k: int) -> Config:
-    """Launch configuration of the weight-only kernel (block_m covers all rows). The kernel is bound by
-    reading the weight, so it needs many programs in flight on every SM: 32 output rows per program, and
-    the K dimension split so that there are at least 8 programs per SM (fewer programs left SMs idle or ran
-    a second, partial wave: bench/NOTES.md, "Small M"), each slice at least two K steps."""
+    """Launch configuration of the weight-only kernel (block_m covers all rows), from the H200 sweep
+    (bench/NOTES.md, "Small M"). The kernel is bound by reading the weight, so it needs enough programs on
+    every SM: K is split until there are >= 2 programs per SM (at most 4 slices: 8 and 16 measured slower), each
+    slice at least two K steps. e4m3 weights take 64-row tiles with 3 stages (their conversion to bf16 costs
+    more ALU; that tile was fastest for every fp8 case swept)."""
     bm = 16
     while bm < m:
         bm *= 2
@@ -104,12 +110,14 @@ def weight_only_config(fmt: str, m: int, n: int, k: int) -> Config:
     from .gemm import _num_sms
 
     sms = _num_sms(torch.device("cuda", torch.cuda.current_device()))
-    bn = 32
-    # shared memory per stage: bn * bk weight bytes + bk * bm activation elements
-    bk = 256 if bm <= 16 else 128
+    if fmt.startswith("fp8") or bm >= 64:
+        bn, bk, stages = 64, (256 if bm <= 64 else 128), 3
+    else:
+        bn, bk, stages = 32, (256 if bm <= 16 else 128), 4
     tiles = -(-n // bn)
     steps = -(-k // bk)
     split = 1
-    while tiles * split < 8 * sms and split * 2 <= max(1, steps // 2) and split < 16:
+    fp8_or_wide = fmt.startswith("fp8") or bm >= 64
+    while split < 4 and split * 2 <= max(1, steps // 2) and (fp8_or_wide or tiles * split < 2 * sms):
         split *= 2
-    return Config(bm, bn, bk, 1, 4, 4, split_k=split)
+    return Config(bm, bn, bk, 1, 4, stages, split_k=split)

@@ -331,6 +331,13 @@ def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config
     )  # fmt: skip
 
 
+def _empty_product(out: torch.Tensor, bias) -> torch.Tensor:
+    """The result of a product with M, N or K zero: nothing to write, or the bias broadcast over M rows."""
+    if out.numel() == 0:
+        return out
+    return out.copy_(bias.expand_as(out) if bias is not None else torch.zeros_like(out))
+
+
 def _launch(spec: _quant.Spec) -> None:
     global last_compiled
     entry = _quant.launch(spec)
@@ -356,10 +363,8 @@ def scaled_mm(
     m, k = xq.shape
     n = wq.shape[0]
     out = _quant.empty((m, n), out_dtype, xq.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    if not (m and n and k):
+        return _empty_product(out, bias)
     if config is None:
         from .configs import get_config
 
@@ -525,10 +530,8 @@ def weight_only_linear(
     if m > 128:
         raise ShapeError(f"weight_only_linear takes at most 128 rows, got M={m}; use the W8A8 GEMM")
     out = _quant.empty((m, n), out_dtype or x.dtype, x.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    if not (m and n and k):
+        return _empty_product(out, bias)
     if config is None:
         from .configs import weight_only_config
 

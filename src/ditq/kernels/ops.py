@@ -17,12 +17,12 @@ wrappers directly; only a graph being compiled goes through the registered ops.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
 
 from .. import formats as F
-from ..errors import ShapeError
 from . import HAS_TRITON, triton_runs_on
 
 if HAS_TRITON:
@@ -45,14 +45,18 @@ def _fmt(fmt) -> F.Format:
 # maps encoded once). Later calls with the same key allocate the output and make one or two C calls.
 
 
-def _linear_general(x, wq, w_scale, fmt: F.Format, bias, out_dtype, weight_only: bool):
-    """The linear through the regular wrappers (any device Triton runs on, any strides)."""
+def _linear_general(x, wq, w_scale, fmt: F.Format, bias, out_dtype, weight_only: bool, kept: bool = True):
+    """The linear through the regular wrappers (any device Triton runs on, any strides). ``kept=False``: no
+    buffer outlives the call (no split-K workspace)."""
     k = x.shape[-1]
     _gemm.check_weight_side(wq, w_scale, fmt, bias, k)
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, k)  # the kernels read any strides, so no copy for 2-D views
     if weight_only:
-        y = _gemm.weight_only_linear(x2, wq, w_scale, fmt, bias, out_dtype or x.dtype)
+        c = None
+        if not kept and x2.is_cuda:
+            c = dataclasses.replace(_configs.weight_only_config(fmt.name, x2.shape[0], wq.shape[0], k), split_k=1)
+        y = _gemm.weight_only_linear(x2, wq, w_scale, fmt, bias, out_dtype or x.dtype, c)
     else:
         xq, xs = _quant.act_quant(x2, fmt)
         # the activation side was made here, so only the weight side above needed checking
@@ -60,11 +64,12 @@ def _linear_general(x, wq, w_scale, fmt: F.Format, bias, out_dtype, weight_only:
     return y if x.dim() == 2 else y.reshape(*lead, wq.shape[0])
 
 
-def weight_only_max_m(x) -> int:
-    """Rows up to which ``linear`` takes the weight-only kernel: ``configs.WEIGHT_ONLY_MAX_M`` on a GPU. Under
-    the CPU interpreter 0 (the W8A8 result, as the CPU reference computes it) unless ``WEIGHT_ONLY_CPU`` is set."""
+def weight_only_max_m(x, fmt="int8-row") -> int:
+    """Rows up to which ``linear`` takes the weight-only kernel for ``fmt``: ``configs.WEIGHT_ONLY_MAX_M`` on a
+    GPU (int8 formats by default: ``kernels.rotate`` asks for its int8 rotated linear). Under the CPU interpreter 0 (the W8A8 result, as the CPU reference computes it) unless
+    ``WEIGHT_ONLY_CPU`` is set."""
     if x.is_cuda:
-        return _configs.WEIGHT_ONLY_MAX_M
+        return _configs.weight_only_max_m(_fmt(fmt).name)
     return WEIGHT_ONLY_CPU
 
 
@@ -162,8 +167,9 @@ def _bind_stream(p: _Plan, stream, thread) -> None:
     p.mm_seg = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, xq, xs))
 
 
-def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
-    """Check the operands, run the linear once through the regular launches, and return (y, plan or None)."""
+def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool):
+    """Check the operands, run the linear once through the regular launches, and return (y, plan or None).
+    ``kept=False``: a plan that keeps no buffer between calls (no split K, fresh activation buffers)."""
     k = x.shape[-1]
     _gemm.check_weight_side(wq, w_scale, fmt, bias, k)
     out_dtype = out_dtype or x.dtype
@@ -172,15 +178,17 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
     except RuntimeError:  # not viewable as 2-D: the regular path copies
         x2 = None
     m, n = x.numel() // k if k else 0, wq.shape[0]
-    weight_only = 0 < m <= weight_only_max_m(x) and wq.is_contiguous()
+    weight_only = 0 < m <= weight_only_max_m(x, fmt) and wq.is_contiguous()
     if x2 is None or m == 0 or n == 0 or k == 0 or not x.is_cuda or not x.is_floating_point():
-        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, weight_only), None
+        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, weight_only, kept), None
     y = _quant.empty((*x.shape[:-1], n), out_dtype, x.device)
     y2 = y.view(m, n)
     p = _Plan()
     p.out_shape, p.out_dtype, p.device, p.wo = tuple(y.shape), out_dtype, x.device, weight_only
     if weight_only:
         c = _configs.weight_only_config(fmt.name, m, n, k)
+        if not kept:
+            c = dataclasses.replace(c, split_k=1)
         ws = None
         if c.split_k > 1:
             ws = _gemm.wo_workspace(x.device, torch._C._cuda_getCurrentRawStream(x.device.index), c, n)
@@ -208,7 +216,7 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
         p.mm_t = _template(mspec, p.mm, marks)
         p.xq_shape, p.xs_shape, p.storage = tuple(xq.shape), tuple(xs.shape), fmt.storage
         small = m * k <= SCRATCH_MAX_BYTES
-        p.scratch_key = (x.device.index, p.storage, p.xq_shape, p.xs_shape) if small else None
+        p.scratch_key = (x.device.index, p.storage, p.xq_shape, p.xs_shape) if small and kept else None
     p.stream = p.thread = p.gen = None  # bound at the first call that uses the plan
     return y, p
 
@@ -222,18 +230,22 @@ def clear_plans() -> None:
     _SCRATCH_GEN[0] += 1
 
 
-def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
+def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool = True):
+    """The linear on Triton: through a launch plan on a GPU (see above), else the regular wrappers. ``kept``
+    (eager calls) lets plans keep buffers between calls: split-K workspaces and activation buffers. The
+    registered op passes False: inside torch.compile's CUDA graphs (cudagraph trees) every allocation of the
+    warm-up run goes to the graph's pool, which refuses tensors that outlive the call."""
     if not x.is_cuda or not _quant.RAW_LAUNCH or _quant.hooked():
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        wo = 0 < m <= weight_only_max_m(x) and wq.is_contiguous()
-        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, wo)
+        wo = 0 < m <= weight_only_max_m(x, fmt) and wq.is_contiguous()
+        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, wo, kept)
     xp = x.data_ptr()
-    key = (fmt.name, out_dtype, _configs.WEIGHT_ONLY_MAX_M, x.shape, x.stride(), x.dtype, xp & 15, wq.data_ptr(), wq.shape, wq.stride(),
-           wq.dtype, w_scale.data_ptr(), w_scale.shape, w_scale.stride(),
+    key = (fmt.name, out_dtype, kept, _configs.weight_only_max_m(fmt.name), x.shape, x.stride(), x.dtype, xp & 15,
+           wq.data_ptr(), wq.shape, wq.stride(), wq.dtype, w_scale.data_ptr(), w_scale.shape, w_scale.stride(),
            None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))  # fmt: skip
     p = _PLANS.get(key)
     if p is None:
-        y, p = _build_plan(x, wq, w_scale, fmt, bias, out_dtype)
+        y, p = _build_plan(x, wq, w_scale, fmt, bias, out_dtype, kept)
         if p is not None:
             if len(_PLANS) >= 4096:
                 _PLANS.clear()
@@ -245,7 +257,7 @@ def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype):
     if p.wo:
         if stream != p.stream:
             if torch.cuda.is_current_stream_capturing():  # the split-K workspace of a new stream: made outside
-                return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, True)
+                return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, True, kept)
             _bind_stream(p, stream, None)
         s = p.mm_seg
         p.mm.entry.raw(*s[0], xp, *s[1], op, *s[2])
@@ -301,7 +313,7 @@ def _scaled_mm_fake(xq, x_scale, wq, w_scale, fmt, bias, out_dtype):
 
 
 def _linear_impl(x, wq, w_scale, fmt, bias, out_dtype):
-    return _linear_triton(x, wq, w_scale, _fmt(fmt), bias, out_dtype)
+    return _linear_triton(x, wq, w_scale, _fmt(fmt), bias, out_dtype, kept=False)
 
 
 def _linear_fake(x, wq, w_scale, fmt, bias, out_dtype):
