@@ -211,8 +211,9 @@ def test_pinned_non_blocking_round_trip_on_gpu(fmt):
     g.record_stream(torch.cuda.current_stream())
     x = torch.randn(9, w.shape[1], device="cuda", dtype=torch.bfloat16)
     y = Fn.linear(x, g.to(torch.bfloat16))
-    ref = F.linear_ref(x.double(), q.qdata.cuda(), q.scale.cuda(), fmt, compute_dtype=torch.float64)
-    assert F.relative_error(y, ref) < 1e-2
+    # few rows may take the weight-only kernel or the W8A8 GEMM: either is within the format's linear bound
+    ref = x.double() @ w.double().cuda().t()
+    assert F.relative_error(y, ref) < (0.025 if fmt.startswith("int8") else 0.06)
     back = g.cpu()
     assert torch.equal(back.qdata, q.qdata) and torch.equal(back.scale, q.scale)
 

@@ -19,6 +19,8 @@ the products are +-x), 2 = an fp32 operand split into three bf16 terms (fp32-acc
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +28,7 @@ import triton.language as tl
 from .. import formats as F
 from ..errors import FormatError, ShapeError
 from . import INTERPRET, triton_runs_on
+from . import configs as _configs
 from . import gemm as _gemm
 from . import quant as _quant
 from .quant import _divide, _scale_of, _to_storage
@@ -208,7 +211,9 @@ def _rotated_linear_triton(x, wq, w_scale, g: int, bias, out_dtype):
 
     if 0 < m <= ops.weight_only_max_m(x) and wq.is_contiguous():
         # few tokens: rotate in torch (cheap at this size) and let the weight-only kernel read the weight once
-        y = _gemm.weight_only_linear(F.rotate(x2.float(), g).to(x2.dtype), wq, w_scale, FMT, bias, out_dtype)
+        # split_k=1: no kept workspace, so the path also runs inside CUDA-graph trees (reduce-overhead)
+        cfg = dataclasses.replace(_configs.weight_only_config(FMT.name, m, wq.shape[0], k), split_k=1)
+        y = _gemm.weight_only_linear(F.rotate(x2.float(), g).to(x2.dtype), wq, w_scale, FMT, bias, out_dtype, cfg)
     else:
         xq, xs = rotate_act_quant(x2, g)
         y = _gemm.scaled_mm(xq, xs, wq, w_scale, FMT, bias, out_dtype, check=False)
