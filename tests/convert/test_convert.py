@@ -308,7 +308,8 @@ def test_through_the_triton_kernels(tmp_path, interpreted_kernels):
         convert(src, tmp_path / f"{fmt}.safetensors", format=fmt)
         got = dict(L.iter_layers(tmp_path / f"{fmt}.safetensors"))
         for k, w in sd.items():
-            q, s = F.quantize_weight_ref(w, fmt)
+            dev = "cuda" if torch.cuda.is_available() else "cpu"  # the converter's default device
+            q, s = (t.cpu() for t in F.quantize_weight_ref(w.to(dev), fmt))
             assert torch.equal(got[k].qdata.view(torch.uint8), q.view(torch.uint8)) and torch.equal(got[k].scale, s), seed
 
 

@@ -118,7 +118,7 @@ def test_learned_without_calibration_keeps_nearest_and_warns(case, tmp_path, cap
     src, _, sd, _, seed = case
     dst = tmp_path / "dst.safetensors"
     code = cli.main(["convert", str(src), "-o", str(dst), "--preset", "generic", "--min-elements", "0",
-                     "--rounding", "learned", "--json", str(tmp_path / "r.json")])
+                     "--rounding", "learned", "--json", str(tmp_path / "r.json"), "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0 and "warning" in out and "without --calibration" in out and "keeps round-to-nearest" in out
     got = dict(L.iter_layers(dst))
