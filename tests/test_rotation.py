@@ -82,7 +82,7 @@ def test_linear_is_x_times_w_transposed():
     # exact invariance: the rotated operands give the same product as the dequantized weight
     g = qt.rotation
     wq64 = qt.qdata.double() * qt.scale.double()
-    w64 = (wq64.reshape(72, -1, g) @ spec_hadamard(g, torch.float64).t()).reshape(72, 768)
+    w64 = (wq64.reshape(72, -1, g) @ spec_hadamard(g, torch.float64).to(DEV).t()).reshape(72, 768)
     rot_product = F.rotate(x.double(), g) @ wq64.t()
     assert torch.allclose(rot_product, x.double() @ w64.t(), rtol=0, atol=1e-9), seed
     assert F.relative_error(qt.dequantize(torch.float64), w64) < 1e-6, seed  # (dequantize works in fp32)
@@ -187,7 +187,7 @@ def test_compiles_without_graph_breaks():
 
 def test_quantize_model_with_rotation():
     seed = fresh_seed()
-    m = nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 200), nn.GELU(), nn.Linear(200, 128))
+    m = nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 200), nn.GELU(), nn.Linear(200, 128)).to(DEV)
     x = _outlier_input(32, 512)
     ref = m(x).double()
     rep = ditq.quantize_(m, "int8-row", rotation="hadamard", min_elements=0)
