@@ -19,10 +19,10 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditq", description="8-bit quantization for diffusion transformers")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+def add_subcommands(sub, table: dict, main_attr: str) -> None:
+    """One sub-parser per entry of ``table`` (name -> (module, help)); the module fills in its arguments and
+    its ``main`` lands in ``args.<main_attr>``. A module this build lacks leaves ``args._missing`` set."""
+    for name, (module, help_text) in table.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         try:
             mod = importlib.import_module(module)
@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.add_arguments(p)
-        p.set_defaults(_main=mod.main)
+        p.set_defaults(**{main_attr: mod.main})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditq", description="8-bit quantization for diffusion transformers")
+    add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), COMMANDS, "_main")
     return parser
 
 

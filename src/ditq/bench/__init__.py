@@ -3,8 +3,6 @@ Each sub-module provides ``add_arguments(parser)`` and ``main(args)``."""
 
 from __future__ import annotations
 
-import importlib
-
 SUITES = {
     "gemm": ("ditq.bench.gemm", "quantized linear vs cuBLAS bf16 / int8 / fp8 at DiT shapes"),
     "attention": ("ditq.bench.attention", "ditq INT8 attention vs SDPA backends"),
@@ -13,17 +11,9 @@ SUITES = {
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
-    for name, (module, help_text) in SUITES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("ditq"):
-                continue
-            raise
-        mod.add_arguments(p)
-        p.set_defaults(_suite_main=mod.main)
+    from ..cli import add_subcommands  # the CLI's own helper; imported here, when the CLI is already loaded
+
+    add_subcommands(parser.add_subparsers(dest="suite", required=True, metavar="SUITE"), SUITES, "_suite_main")
 
 
 def main(args) -> int:
