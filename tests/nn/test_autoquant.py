@@ -1,0 +1,167 @@
+"""autoquant_: meets its cosine target on held-out inputs of a small trained model, protects the layer fed
+by outlier channels, monotone in the target, exact at target 1.0, errors before touching the model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ditq
+from ditq.errors import DitqError, FormatError
+from ditq.nn import autoquant as A
+from ditq.tensor import QuantizedTensor
+
+D = 128  # block formats need dims % 128; 128 x 128 = 16384 = quantize_'s default min_elements
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, D)  # sees the raw inputs, outlier channels included: the sensitive layer
+        self.fc1 = nn.Linear(D, 2 * D)
+        self.fc2 = nn.Linear(2 * D, D)
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.inp(x))
+        h = h + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+        return self.out(h)
+
+
+OUTLIERS = (3, 40, 77, 101)
+
+
+def sample(g, n):
+    x = torch.randn(n, D, generator=g)
+    x[:, list(OUTLIERS)] *= 25.0  # a few channels 25x the rest, as in real DiT activations
+    return x
+
+
+@pytest.fixture(scope="module")
+def trained():
+    g = torch.Generator().manual_seed(1234)
+    teacher = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D))
+    for p in teacher.parameters():
+        nn.init.normal_(p, std=0.1, generator=g)
+    torch.manual_seed(1234)
+    model = MLP()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(200):
+        x = sample(g, 128)
+        with torch.no_grad():
+            y = teacher(x / 5)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(n)
+    model.eval().requires_grad_(False)
+    calib = [(sample(g, 64),) for _ in range(4)]
+    held = [(sample(g, 64),) for _ in range(4)]
+    return model, calib, held
+
+
+def model_cos(model, ref, inputs):
+    return min(A._cosine(model(*i), ref(*i)) for i in inputs)
+
+
+RANK = {f: i for i, f in enumerate(A.SPEED_ORDER)}
+
+
+@pytest.fixture(scope="module")
+def runs(trained):
+    model, calib, held = trained
+    out = {}
+    for t in (0.9999, 0.99):
+        m = copy.deepcopy(model)
+        rep = ditq.autoquant_(m, calib, target_cos=t)
+        out[t] = (m, rep, model_cos(m, model, held))
+    return out
+
+
+@pytest.mark.parametrize("target", [0.9999, 0.99])
+def test_meets_target_on_held_out(trained, runs, target):
+    m, rep, held_cos = runs[target]
+    print(rep)
+    print(f"held-out cos {held_cos:.6f}")
+    assert rep.met and rep.final_cos >= target
+    assert held_cos >= target
+    assert [r.name for r in rep.layers] == ["inp", "fc1", "fc2", "out"]
+    for r in rep.layers:
+        w = dict(m.named_modules())[r.name].weight
+        assert isinstance(w, QuantizedTensor) == (r.format != "bf16")
+        assert set(r.cos) == set(A.DEFAULT_CANDIDATES)
+
+
+def test_sensitive_layer_gets_more_precision(runs):
+    _, rep, _ = runs[0.9999]
+    by = {r.name: r for r in rep.layers}
+    others = [by[n] for n in ("fc1", "fc2", "out")]
+    # the outlier channels make plain int8-row worst on the first layer, and it is given a slower, more precise format
+    assert by["inp"].cos["int8-row"] < min(r.cos["int8-row"] for r in others)
+    assert RANK[by["inp"].format] > max(RANK[r.format] for r in others)
+    # the tight target does not keep everything in float: it is cheaper than all-bf16
+    assert any(r.format != "bf16" for r in rep.layers)
+
+
+def test_looser_target_never_slower(runs):
+    tight, loose = runs[0.9999][1], runs[0.99][1]
+    for a, b in zip(loose.layers, tight.layers):
+        assert RANK[a.format] <= RANK[b.format], (a.name, a.format, b.format)
+    assert any(RANK[a.format] < RANK[b.format] for a, b in zip(loose.layers, tight.layers))
+
+
+def test_target_one_keeps_float_model(trained):
+    model, calib, held = trained
+    m = copy.deepcopy(model)
+    rep = ditq.autoquant_(m, calib, target_cos=1.0, candidates=("fp8-row", "int8-row", "bf16"))
+    assert all(r.format == "bf16" for r in rep.layers) and rep.final_cos == 1.0
+    for (k, a), (_, b) in zip(m.state_dict().items(), model.state_dict().items()):
+        assert not isinstance(a, QuantizedTensor) and torch.equal(a, b), k
+    for (x,) in held:
+        assert torch.equal(m(x), model(x))
+
+
+def test_sensitivity_restores_exact_weights_and_str(trained):
+    model, calib, _ = trained
+    m = copy.deepcopy(model)
+    before = {n: p for n, p in m.named_parameters()}
+    rep = ditq.autoquant_(m, calib[:1], target_cos=0.5, candidates=("int8-row", "fp8-row"))
+    # nothing fits better than its fastest candidate at a loose target; untouched params are the same objects
+    assert all(r.format == "fp8-row" for r in rep.layers)
+    assert all(m.inp.bias is before["inp.bias"] for _ in [0])
+    s = str(rep)
+    assert "fp8-row" in s and "inp" in s and "final cos" in s
+
+
+@pytest.mark.parametrize(
+    "kw, err",
+    [
+        (dict(target_cos=1.5), A.AutoquantError),
+        (dict(target_cos=0.0), A.AutoquantError),
+        (dict(target_cos=float("nan")), A.AutoquantError),
+        (dict(target_cos="high"), A.AutoquantError),
+        (dict(candidates=("int4",)), FormatError),
+        (dict(candidates=()), A.AutoquantError),
+        (dict(candidates=("int8-row", "int8-row")), A.AutoquantError),
+    ],
+)
+def test_bad_requests_fail_before_touching_model(trained, kw, err):
+    model, calib, _ = trained
+    m = copy.deepcopy(model)
+    calls = []
+    with pytest.raises(err) as e:
+        ditq.autoquant_(m, calib, forward_fn=lambda mod, i: calls.append(1) or mod(*i), **kw)
+    assert isinstance(e.value, DitqError) and not calls
+    assert not any(isinstance(p, QuantizedTensor) for p in m.parameters())
+
+
+def test_bad_inputs(trained):
+    model, _, _ = trained
+    with pytest.raises(A.AutoquantError, match="non-empty list"):
+        ditq.autoquant_(copy.deepcopy(model), [])
+    with pytest.raises(A.AutoquantError, match="non-empty list"):
+        ditq.autoquant_(copy.deepcopy(model), torch.randn(2, D))
