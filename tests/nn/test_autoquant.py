@@ -73,12 +73,18 @@ RANK = {f: i for i, f in enumerate(A.SPEED_ORDER)}
 
 @pytest.fixture(scope="module")
 def runs(trained):
+    from ditq.kernels import ops
+
     model, calib, held = trained
     out = {}
-    for t in (0.9999, 0.99):
-        m = copy.deepcopy(model)
-        rep = ditq.autoquant_(m, calib, target_cos=t)
-        out[t] = (m, rep, model_cos(m, model, held))
+    # a module fixture runs before conftest's function-scoped patch: the same CPU reference path, set here
+    with pytest.MonkeyPatch.context() as mp:
+        if hasattr(ops, "triton_runs_on"):
+            mp.setattr(ops, "triton_runs_on", lambda t: bool(t.is_cuda))
+        for t in (0.9999, 0.99):
+            m = copy.deepcopy(model)
+            rep = ditq.autoquant_(m, calib, target_cos=t)
+            out[t] = (m, rep, model_cos(m, model, held))
     return out
 
 
@@ -128,11 +134,26 @@ def test_target_one_keeps_float_model(trained):
 def test_sensitivity_restores_exact_weights_and_str(trained):
     model, calib, _ = trained
     m = copy.deepcopy(model)
-    before = {n: p for n, p in m.named_parameters()}
-    rep = ditq.autoquant_(m, calib[:1], target_cos=0.5, candidates=("int8-row", "fp8-row"))
-    # nothing fits better than its fastest candidate at a loose target; untouched params are the same objects
+    before = dict(m.named_parameters())
+    rep = ditq.autoquant_(m, calib[:1], target_cos=0.5, candidates=("int8-row", "fp8-row", "bf16"))
+    # at a loose target every layer takes the fastest candidate, whatever order they were given in
+    assert rep.candidates == ("fp8-row", "int8-row", "bf16")
     assert all(r.format == "fp8-row" for r in rep.layers)
-    assert all(m.inp.bias is before["inp.bias"] for _ in [0])
+    assert m.inp.bias is before["inp.bias"]
+    # every sensitivity forward sees exactly one quantized layer, the others are the original float Parameters
+    seen = []
+
+    def spy(mod, inp):
+        ws = {n: mm.weight for n, mm in mod.named_modules() if isinstance(mm, nn.Linear)}
+        q = [n for n, w in ws.items() if isinstance(w, QuantizedTensor)]
+        assert all(ws[n] is before[f"{n}.weight"] for n in ws if n not in q)
+        seen.append(len(q))
+        return mod(*inp)
+
+    m2 = copy.deepcopy(model)
+    before = dict(m2.named_parameters())
+    rep2 = ditq.autoquant_(m2, calib[:2], target_cos=0.5, candidates=("int8-row", "fp8-row"), forward_fn=spy)
+    assert seen == [0, 0] + [1] * (2 * 2 * 4) + [4, 4] and rep2.forwards == len(seen)
     s = str(rep)
     assert "fp8-row" in s and "inp" in s and "final cos" in s
 
