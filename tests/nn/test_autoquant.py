@@ -186,3 +186,22 @@ def test_bad_inputs(trained):
         ditq.autoquant_(copy.deepcopy(model), [])
     with pytest.raises(A.AutoquantError, match="non-empty list"):
         ditq.autoquant_(copy.deepcopy(model), torch.randn(2, D))
+
+
+def test_no_slower_than_best_uniform_format(trained, runs):
+    """The issue's goal: at least as fast as the fastest single format that also meets the target (here: no
+    layer slower than that format)."""
+    model, calib, _ = trained
+    _, rep, _ = runs[0.9999]
+    best = None
+    for fmt in A.DEFAULT_CANDIDATES:
+        m = copy.deepcopy(model)
+        if fmt != "bf16":
+            base, rot = (fmt, None) if fmt != "int8-row+hadamard" else ("int8-row", "hadamard")
+            ditq.quantize_(m, base, rotation=rot)
+        if model_cos(m, model, calib) >= 0.9999:
+            best = fmt
+            break
+    assert best is not None and best != "fp8-row"  # the target is tight enough to rule out the fastest format
+    assert max(RANK[r.format] for r in rep.layers) <= RANK[best]
+    assert sum(RANK[r.format] for r in rep.layers) < 4 * RANK[best] or best == "fp8-row"
