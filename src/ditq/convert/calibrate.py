@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, DitqError
+from ..modelcall import call_model
 from ..rounding import CalibrationStats, LayerStats
 
 _RECENT = 4  # inputs kept alive (and so with unique addresses) to detect layers that share one
@@ -104,14 +105,6 @@ def _select(model: nn.Module, layers) -> dict[str, nn.Linear]:
     return out
 
 
-def _default_forward(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 def capture_calibration(
     model: nn.Module,
     inputs,
@@ -137,7 +130,7 @@ def capture_calibration(
     n_batches = len(inputs) if hasattr(inputs, "__len__") else None
     per_call = math.ceil(sample_rows / n_batches) if n_batches else max(1, sample_rows // 8)
     gen = torch.Generator().manual_seed(seed)
-    forward_fn = forward_fn or _default_forward
+    forward_fn = forward_fn or call_model
     accs: dict[str, _Accumulator] = {}
     alias: dict[str, str] = {}  # layer -> owner whose accumulator holds exactly this layer's inputs
     calls: dict[str, int] = {}

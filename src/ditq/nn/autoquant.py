@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DitqError, FormatError, ShapeError
+from ..modelcall import call_model
 from ..tensor import QuantizedTensor, quantize_weight
 from .quantize import linear_layers, make_policy
 
@@ -154,14 +155,6 @@ def _output_tensor(out) -> torch.Tensor:
     )
 
 
-def _default_forward(model, inp):
-    if isinstance(inp, dict):
-        return model(**inp)
-    if isinstance(inp, (tuple, list)):
-        return model(*inp)
-    return model(inp)
-
-
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().flatten(), b.detach().double().flatten()
     if torch.equal(a, b):
@@ -206,7 +199,7 @@ def autoquant_(
     if not isinstance(model, nn.Module):
         raise AutoquantError(f"autoquant_ needs a torch.nn.Module, got {type(model).__name__}")
     target, cands = _check_args(target_cos, candidates, inputs)
-    fwd = forward_fn or _default_forward
+    fwd = forward_fn or call_model
     policy = make_policy(model, "int8-row", preset, include, exclude, min_elements)
     report = AutoquantReport(target, policy.preset, cands)
 
