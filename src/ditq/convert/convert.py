@@ -32,6 +32,7 @@ from ..checkpoint.io import (
 )
 from ..checkpoint.policy import KEEP_DTYPES, PRESETS, Decision, Policy, outlier_ratio
 from ..errors import CheckpointError, DitqError, NonFiniteError
+from ..precision import DEFAULT_CANDIDATES, SpeedTable, check_candidates, check_target
 from ..tensor import QuantizedTensor, quantize_weight
 
 ACTIONS = ("quantized", "copied", "kept", "dropped")
@@ -72,6 +73,7 @@ class ConvertReport:
     peak_rss_bytes: int = 0
     layers: list[LayerRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    precision: dict | None = None  # --target-cos: the per-layer choice, errors and speeds (budget.plan_budget)
 
     @property
     def bytes_in(self) -> int:
@@ -138,6 +140,10 @@ class ConvertReport:
         rate = self.src_file_bytes / self.seconds / 1e9 if self.seconds else 0.0
         lines.append(f"  {self.seconds:.1f} s, {rate:.2f} GB/s read, peak RSS {self.peak_rss_bytes / 1e9:.2f} GB")
         lines += self._rounding_lines()
+        if self.precision is not None:
+            from .budget import summary_lines
+
+            lines += summary_lines(self.precision)
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -269,6 +275,9 @@ def convert_checkpoint(
     calibration=None,
     rotation: str | None = None,
     rotation_group: int | None = None,
+    target_cos: float | None = None,
+    candidates=DEFAULT_CANDIDATES,
+    speed_table=None,
     measure_error: bool = True,
     progress: bool = False,
     policy: Policy | None = None,
@@ -288,14 +297,34 @@ def convert_checkpoint(
 
     ``rotation="hadamard"`` (int8-row only) writes ComfyUI's rotated int8 ("convrot") with group
     ``rotation_group`` (default per layer: ``formats.rotation_group_size(K)``); a layer whose K the group
-    does not divide is quantized unrotated and its record says so."""
+    does not divide is quantized unrotated and its record says so.
+
+    ``target_cos`` (with ``calibration``) chooses each layer's format among ``candidates`` (precision.SPEED_ORDER
+    names; "bf16" keeps the layer in float) from its measured output error on the calibration rows, the
+    fastest per the GEMM benchmark ``speed_table`` (a ``ditq bench gemm --json`` file, "none", or None for
+    ``precision.DEFAULT_TABLE``) within the whole-model budget of ``budget.py``; ``format`` is then unused
+    and ``report.precision`` holds the per-layer choice."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     fmt = F.get_format(format)
     if rounding not in ("nearest", "learned"):
         raise DitqError(f"unknown rounding {rounding!r}; choose nearest or learned")
-    if rounding == "nearest" and (rounding_options or calibration is not None):
-        raise DitqError("rounding options and --calibration only apply with --rounding learned; add it or drop them")
+    table = None
+    if target_cos is not None:
+        target, cands = check_target(target_cos), check_candidates(candidates)
+        if calibration is None:
+            raise DitqError("--target-cos needs --calibration FILE: the layers' sensitivity is measured on real inputs; "
+                            "write one with `ditq calibrate MODEL -o stats.safetensors`")
+        if rounding != "nearest" or rotation is not None or rotation_group is not None:
+            raise DitqError("--target-cos chooses each layer's format and rotation itself (candidate "
+                            "int8-row+hadamard); drop --rounding learned / --rotation")
+        table = speed_table if isinstance(speed_table, SpeedTable) else SpeedTable.load(speed_table)
+        fmt = F.get_format("int8-row")  # the policy's eligibility; each layer's format comes from the budget
+    elif check_candidates(candidates) != DEFAULT_CANDIDATES or speed_table is not None:
+        raise DitqError("--candidates and --speed-table only apply with --target-cos; add it or drop them")
+    if rounding == "nearest" and (rounding_options or (calibration is not None and target_cos is None)):
+        raise DitqError("rounding options apply only with --rounding learned, and --calibration with --rounding learned "
+                        "or --target-cos; add one or drop them")
     if rounding == "learned" and importlib.util.find_spec("ditq.rounding") is None:
         raise DitqError("--rounding learned needs ditq.rounding, which this build does not have; use --rounding nearest")
     unknown = sorted(set(rounding_options or {}) - set(ROUNDING_OPTION_NAMES))
@@ -304,7 +333,7 @@ def convert_checkpoint(
     options = {"rounding": "learned", **(rounding_options or {})} if rounding == "learned" else {}
     if rotation is not None or rotation_group is not None:
         _check_rotation_request(rotation, rotation_group, fmt, rounding)
-    cal = _load_calibration(calibration) if rounding == "learned" else None
+    cal = _load_calibration(calibration) if rounding == "learned" or target_cos is not None else None
     dev = resolve_device(device)
     shard_bytes = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
 
@@ -315,11 +344,19 @@ def convert_checkpoint(
         pol = policy or Policy(fmt.name, preset, [e.key for e in layout.entries], include, exclude, min_elements, keep_dtype)
         plan = [(e, _static_decision(pol, e, options, rotation_group if rotation else None, bool(rotation)))
                 for e in layout.entries]
-        report = ConvertReport(str(src), str(dst), fmt.name, pol.preset, pol.detected, str(dev))
+        report = ConvertReport(str(src), str(dst), fmt.name if table is None else "mixed", pol.preset, pol.detected,
+                               str(dev))
         report.src_file_bytes = ckpt.file_size
         rounder = None
         if rounding == "learned":
             plan, rounder = _learned_plan(plan, cal, options, report)
+        if table is not None:
+            from .budget import plan_budget
+
+            cal_name = str(calibration) if isinstance(calibration, (str, os.PathLike)) else "(given statistics)"
+            plan, report.precision, warns = plan_budget(ckpt, plan, pol, cal, cal_name, target, cands, table, dev,
+                                                        keep_nonfinite, L.default_dtype(layout))
+            report.warnings += warns
         _check_disk_space(dst, plan)
         if getattr(ckpt, "skipped", None):
             report.warnings.append(f"{len(ckpt.skipped)} non-tensor entries of SRC skipped (e.g. {ckpt.skipped[0]!r})")
@@ -683,6 +720,8 @@ def _metadata(ckpt, layout, report, pol, options, src: Path, quant_layers) -> di
         "source_bytes": ckpt.file_size,
         "source_layout": layout.kind,
     }
+    if report.precision is not None:
+        ditq["target_cos"] = report.precision["target_cos"]
     corrected = [r.key for r in report.layers if r.action == "kept" and "corrected for the weight's rounding" in r.reason]
     if corrected:  # verify then accepts these biases differing from SRC
         ditq["corrected_biases"] = corrected
@@ -718,7 +757,7 @@ def _progress(total: int, enabled: bool):
 def add_arguments(p) -> None:
     p.add_argument("src", help="a .safetensors file, a sharded folder (or its index json), or a .bin/.pt/.ckpt file")
     p.add_argument("-o", "--output", dest="dst", required=True, help="output .safetensors file (a folder with --shard-size)")
-    p.add_argument("--format", default="int8-row", choices=list(F.FORMATS), help="8-bit format (default int8-row)")
+    p.add_argument("--format", default=None, choices=list(F.FORMATS), help="8-bit format (default int8-row)")
     p.add_argument("--preset", default="auto", choices=PRESETS, help="layers kept in high precision (default: detect)")
     p.add_argument("--include", action="append", default=[], metavar="REGEX", help="quantize matching weights the preset keeps (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep matching tensors unquantized (repeatable; wins over --include)")
@@ -729,8 +768,8 @@ def add_arguments(p) -> None:
     p.add_argument("--keep-nonfinite", action="store_true", help="keep NaN/Inf weights unquantized instead of failing")
     p.add_argument("--rounding", default="nearest", choices=["nearest", "learned"], help="rounding of weights (default nearest)")
     g = p.add_argument_group("learned rounding (with --rounding learned)")
-    g.add_argument("--calibration", default=None, metavar="FILE", help="input statistics from `ditq calibrate` (without "
-                   "it, objective auto keeps nearest)")
+    g.add_argument("--calibration", default=None, metavar="FILE", help="input statistics from `ditq calibrate`, for "
+                   "--rounding learned (without it, objective auto keeps nearest) or --target-cos")
     g.add_argument("--objective", default="auto", choices=["auto", "activation", "weight", "svd"],
                    help="what the rounding minimizes (auto: output error on the calibration inputs)")
     g.add_argument("--optimizer", default="original", choices=["original", "adamw", "radam"],
@@ -745,6 +784,16 @@ def add_arguments(p) -> None:
                    help="int8-row only: Hadamard-rotated int8 (ComfyUI 'convrot'), better with outlier activations")
     p.add_argument("--rotation-group", type=int, default=None, metavar="G",
                    help="rotation group size 16, 64 or 256 (default per layer: the largest dividing K, up to 256)")
+    g = p.add_argument_group("automatic precision (with --calibration)")
+    g.add_argument("--target-cos", type=float, default=None, metavar="T",
+                   help="choose each layer's format: the fastest whose measured output error keeps the estimated "
+                        "whole-model cosine >= T (e.g. 0.999); replaces --format")
+    g.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES), metavar="LIST",
+                   help="formats --target-cos may choose (default %(default)s; bf16 keeps a layer in float, "
+                        "int8-row+hadamard is rotated int8-row, fp8-tensor and fp8-block also allowed)")
+    g.add_argument("--speed-table", default=None, metavar="JSON",
+                   help="`ditq bench gemm --json` result ranking the formats by speed per shape (default: "
+                        "bench/results/gemm-h200.json when present; 'none': the default order)")
     p.add_argument("--device", default="auto", help="where to quantize: auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--shard-size", default=None, metavar="SIZE", help="write a folder of shards of at most SIZE (e.g. 5GB)")
     p.add_argument("--no-error", action="store_true", help="skip measuring each layer's weight error (a little faster)")
@@ -753,10 +802,13 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    if args.target_cos is not None and args.format is not None:
+        raise DitqError("--format and --target-cos exclude each other: --target-cos chooses each layer's format "
+                        "among --candidates")
     report = convert_checkpoint(
         args.src,
         args.dst,
-        format=args.format,
+        format=args.format or "int8-row",
         preset=args.preset,
         include=args.include,
         exclude=args.exclude,
@@ -771,6 +823,9 @@ def main(args) -> int:
         calibration=args.calibration,
         rotation=args.rotation,
         rotation_group=args.rotation_group,
+        target_cos=args.target_cos,
+        candidates=check_candidates(args.candidates),
+        speed_table=args.speed_table,
         measure_error=not args.no_error,
         progress=not args.quiet,
     )

@@ -8,7 +8,8 @@ Method (issue 8, part 3):
    picks them) and each candidate format, quantize ONLY that layer, measure the model-output cosine (the
    minimum over the inputs), then put the exact float Parameter back.
 3. Assignment: 1 - cos of independent small perturbations add (the errors add in squared norm), so the
-   single-layer errors are summed as an estimate. Every layer starts at its fastest candidate; while the
+   single-layer errors are summed as an estimate (``precision.Ladder``). Every layer starts at its fastest
+   candidate (per the GEMM benchmark's speed at the nearest benchmarked shape, ``precision.SpeedTable``); while the
    estimate exceeds the budget ``1 - target_cos``, the layer with the largest current error moves one step
    toward bf16. Then all choices are applied and the whole-model cosine measured; while it misses the
    target, the same rule moves one more layer one step and re-measures (bounded: each round moves a step,
@@ -23,41 +24,43 @@ model is unchanged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ..errors import DitqError, FormatError, ShapeError
+from ..errors import FormatError, ShapeError
 from ..modelcall import call_model
-from ..tensor import QuantizedTensor, quantize_weight
+from ..precision import (
+    DEFAULT_CANDIDATES, DEFAULT_TOKENS, FLOAT, SPEED_ORDER, Ladder, PrecisionError, SpeedTable, check_candidates,
+    check_target, mix_speed,
+)
+from ..precision import cosine as _cosine
+from ..precision import quantize_candidate as _quantize
+from ..tensor import QuantizedTensor
 from .quantize import linear_layers, make_policy
 
-# Fastest first, from bench/NOTES.md (H200 GEMM and model sections): the fp8 formats reach the highest
-# GEMM rate (fp8-row 1120-1310 TOPS, fp8-tensor 1140-1270) and the fastest Flux/Wan model times; int8-row
-# next (910-1280 TOPS); the Hadamard-rotated int8-row adds the activation rotation (part 1's goal: within
-# 10% of int8-row); the block formats are slowest of the 8-bit ones (int8-block 810-890, fp8-block
-# 700-890); bf16 (the float weight) last.
-SPEED_ORDER = ("fp8-row", "fp8-tensor", "int8-row", "int8-row+hadamard", "int8-block", "fp8-block", "bf16")
-FLOAT = "bf16"
-DEFAULT_CANDIDATES = ("fp8-row", "int8-row", "int8-row+hadamard", "int8-block", "bf16")
+AutoquantError = PrecisionError
+"""A bad autoquant_ request (target, candidates, inputs), raised before the model is touched."""
 
-
-class AutoquantError(DitqError, ValueError):
-    """A bad autoquant_ request (target, candidates, inputs), raised before the model is touched."""
+__all__ = ["AutoLayer", "AutoquantError", "AutoquantReport", "DEFAULT_CANDIDATES", "SPEED_ORDER", "autoquant_"]
 
 
 @dataclass
 class AutoLayer:
     """One eligible layer: ``format`` chosen; ``cos``: model-output cosine with only this layer in each
-    candidate tried (None: the candidate does not apply to this shape, ``skipped`` says why)."""
+    candidate tried (None: the candidate does not apply to this shape, ``skipped`` says why); ``order``: the
+    candidates that apply, fastest first; ``speed``: each one's estimated linear speed vs bf16 from the GEMM
+    benchmark at the benchmarked shape ``gemm`` nearest to this layer's (None: no speed table)."""
 
     name: str
     shape: tuple[int, int]
     format: str
     cos: dict[str, float | None] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    speed: dict[str, float | None] = field(default_factory=dict)
+    gemm: str = ""
 
     @property
     def error(self) -> float:
@@ -68,7 +71,8 @@ class AutoLayer:
 class AutoquantReport:
     """What ``autoquant_`` chose. ``final_cos``: whole-model cosine (min over inputs) after applying the
     choices; ``met``: final_cos >= target_cos; ``rounds``: whole-model measurements; ``kept``: linear layers
-    the preset keeps in float (name, reason)."""
+    the preset keeps in float (name, reason); ``speed_source``: where the speed estimates come from;
+    ``est_speed``: the chosen layers' estimated linear speed vs bf16, weighted by N x K (None: no table)."""
 
     target_cos: float
     preset: str
@@ -79,6 +83,8 @@ class AutoquantReport:
     met: bool = True
     rounds: int = 0
     forwards: int = 0
+    speed_source: str = ""
+    est_speed: float | None = None
 
     @property
     def choices(self) -> dict[str, str]:
@@ -92,11 +98,13 @@ class AutoquantReport:
     def summary(self) -> str:
         cands = [c for c in self.candidates if c != FLOAT]
         w = max([len(r.name) for r in self.layers] + [5])
-        head = f"{'layer':<{w}}  {'shape':<12} {'chosen':<18} " + " ".join(f"{c:>17}" for c in cands)
+        head = (f"{'layer':<{w}}  {'shape':<12} {'chosen':<18} {'est.speed':>9}  {'GEMM matched':<24} "
+                + " ".join(f"{c:>17}" for c in cands))
         lines = [
             f"ditq.autoquant_: target cos {self.target_cos}, final cos {self.final_cos:.6f} "
             f"({'met' if self.met else 'MISSED'}), preset {self.preset}, {self.rounds} whole-model round(s), "
             f"{self.forwards} forward(s)",
+            f"est.speed: {self.speed_source}",
             "single-layer model-output cosine per candidate (-: does not apply):",
             head,
         ]
@@ -105,11 +113,15 @@ class AutoquantReport:
             for c in cands:
                 v = r.cos.get(c)
                 cells.append(f"{v:>17.6f}" if v is not None else f"{'-':>17}")
-            lines.append(f"{r.name:<{w}}  {'x'.join(map(str, r.shape)):<12} {r.format:<18} " + " ".join(cells))
+            sp = r.speed.get(r.format)
+            lines.append(f"{r.name:<{w}}  {'x'.join(map(str, r.shape)):<12} {r.format:<18} "
+                         f"{_x(sp):>9}  {r.gemm:<24} " + " ".join(cells))
         counts = {}
         for r in self.layers:
             counts[r.format] = counts.get(r.format, 0) + 1
-        lines.append("chosen: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: SPEED_ORDER.index(kv[0]))))
+        lines.append("chosen: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: SPEED_ORDER.index(kv[0])))
+                     + (f"; estimated linear speed vs bf16 {_x(self.est_speed)} (N x K weighted)"
+                        if self.est_speed is not None else ""))
         if self.kept:
             lines.append(f"kept by the preset ({len(self.kept)}): " + ", ".join(n for n, _ in self.kept[:12]))
         return "\n".join(lines)
@@ -117,29 +129,18 @@ class AutoquantReport:
     __str__ = summary
 
 
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def _check_args(target_cos, candidates, inputs) -> tuple[float, tuple[str, ...]]:
-    try:
-        t = float(target_cos)
-    except (TypeError, ValueError):
-        raise AutoquantError(f"target_cos must be a number in (0, 1], got {target_cos!r}") from None
-    if not (math.isfinite(t) and 0.0 < t <= 1.0):
-        raise AutoquantError(f"target_cos must be in (0, 1] (e.g. 0.999), got {target_cos!r}")
-    if isinstance(candidates, str):
-        candidates = (candidates,)
-    cands = tuple(candidates)
-    if not cands:
-        raise AutoquantError(f"candidates is empty; choose from {', '.join(SPEED_ORDER)}")
-    bad = [c for c in cands if c not in SPEED_ORDER]
-    if bad:
-        raise FormatError(f"unknown autoquant candidate(s) {bad}; choose from {', '.join(SPEED_ORDER)}")
-    if len(set(cands)) != len(cands):
-        raise AutoquantError(f"candidates {list(cands)} repeat a format")
+    t, cands = check_target(target_cos), check_candidates(candidates)
     if inputs is None or isinstance(inputs, (torch.Tensor, dict)) or len(inputs) == 0:
         raise AutoquantError(
             "inputs must be a non-empty list of model inputs (each a tuple of positional args, a dict of "
             "kwargs or one tensor), e.g. [(x_t0, t0), (x_t1, t1)]"
         )
-    return t, tuple(sorted(cands, key=SPEED_ORDER.index))
+    return t, cands
 
 
 def _output_tensor(out) -> torch.Tensor:
@@ -155,23 +156,6 @@ def _output_tensor(out) -> torch.Tensor:
     )
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().flatten(), b.detach().double().flatten()
-    if torch.equal(a, b):
-        return 1.0  # exact: the dot-product formula may round to 1 +- 1e-16
-    den = a.norm() * b.norm()
-    if den == 0:
-        return 0.0
-    # strictly below 1 when the outputs differ at all, so target_cos=1.0 admits only the float weights
-    return min(float((a @ b) / den), 1.0 - 2.0**-52)
-
-
-def _quantize(w: torch.Tensor, fmt: str, name: str) -> QuantizedTensor:
-    if fmt == "int8-row+hadamard":
-        return quantize_weight(w, "int8-row", rotation="hadamard", name=name)
-    return quantize_weight(w, fmt, name=name)
-
-
 @torch.no_grad()
 def autoquant_(
     model: nn.Module,
@@ -184,6 +168,8 @@ def autoquant_(
     include=None,
     exclude=None,
     min_elements: int = 16384,
+    speed_table=None,
+    tokens: int = DEFAULT_TOKENS,
     verbose: bool = False,
 ) -> AutoquantReport:
     """Quantize ``model``'s eligible linear layers in place, each to the fastest of ``candidates`` such that
@@ -193,7 +179,10 @@ def autoquant_(
     several timesteps / prompts. forward_fn(model, inp) -> output tensor (default: ``model(*inp)`` /
     ``model(**inp)``, first element of a tuple, ``.sample``). candidates: from SPEED_ORDER (any order; tried
     fastest first); "int8-row+hadamard" is rotated int8-row; "bf16" keeps the float weight. preset /
-    include / exclude / min_elements: which layers are eligible, as in ``quantize_``. Cost: one forward per
+    include / exclude / min_elements: which layers are eligible, as in ``quantize_``. speed_table: a
+    ``ditq bench gemm --json`` file, a ``SpeedTable`` or None (``precision.DEFAULT_TABLE`` when present, else
+    ``SPEED_ORDER``): "fastest" per layer is the measured speed at the benchmarked GEMM nearest to
+    ``tokens`` x N x K; the report shows each layer's estimate. Cost: one forward per
     input for each (layer, candidate) pair plus one per whole-model round. Returns an AutoquantReport
     (``str(report)`` is a table); ``report.met`` is False only when even the most precise candidates miss."""
     if not isinstance(model, nn.Module):
@@ -201,7 +190,8 @@ def autoquant_(
     target, cands = _check_args(target_cos, candidates, inputs)
     fwd = forward_fn or call_model
     policy = make_policy(model, "int8-row", preset, include, exclude, min_elements)
-    report = AutoquantReport(target, policy.preset, cands)
+    table = speed_table if isinstance(speed_table, SpeedTable) else SpeedTable.load(speed_table)
+    report = AutoquantReport(target, policy.preset, cands, speed_source=table.describe())
 
     eligible: list[tuple[str, nn.Linear, nn.Parameter]] = []
     for name, m in linear_layers(model):
@@ -244,33 +234,22 @@ def autoquant_(
             finally:
                 m.weight = w
             ok.append(fmt)
+        n, k = row.shape
+        row.order = table.order(ok, n, k, tokens)
+        row.speed = {c: table.speed(c, n, k, tokens).ratio for c in row.order}
+        row.gemm = table.speed(row.order[0], n, k, tokens).gemm if row.order[0] != FLOAT else ""
         report.layers.append(row)
-        options.append(ok)
+        options.append(row.order)
         if verbose:
             print(f"  {name}: " + ", ".join(f"{k} {v:.6f}" for k, v in row.cos.items() if v is not None))
 
     # 3. one fixed sequence of states: start fastest, step the largest-error layer toward bf16
-    level = [0] * len(eligible)
-
-    def err(i: int) -> float:
-        fmt = options[i][level[i]]
-        return 0.0 if fmt == FLOAT else max(0.0, 1.0 - report.layers[i].cos[fmt])
-
-    def step() -> bool:
-        movable = [i for i in range(len(eligible)) if level[i] + 1 < len(options[i])]
-        if not movable:
-            return False
-        i = max(movable, key=lambda j: (err(j), -j))  # ties: the earlier layer, deterministically
-        level[i] += 1
-        return True
-
-    budget = 1.0 - target
-    while sum(err(i) for i in range(len(eligible))) > budget and step():
-        pass
+    ladder = Ladder(options, [{c: 1.0 - v for c, v in r.cos.items() if v is not None} for r in report.layers])
+    ladder.fit(1.0 - target)
 
     def apply():
         for i, (name, m, w) in enumerate(eligible):
-            fmt = options[i][level[i]]
+            fmt = ladder.format(i)
             report.layers[i].format = fmt
             m.weight = w if fmt == FLOAT else nn.Parameter(_quantize(w.detach(), fmt, f"{name}.weight"), requires_grad=False)
 
@@ -278,9 +257,10 @@ def autoquant_(
         apply()
         report.rounds += 1
         report.final_cos = model_cos()
-        if report.final_cos >= target or not step():
+        if report.final_cos >= target or not ladder.step():
             break
     report.met = report.final_cos >= target
+    report.est_speed = mix_speed([(*r.shape, r.speed.get(r.format)) for r in report.layers])
     if verbose:
         print(report.summary())
     return report
