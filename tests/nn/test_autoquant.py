@@ -205,3 +205,27 @@ def test_no_slower_than_best_uniform_format(trained, runs):
     assert best is not None and best != "fp8-row"  # the target is tight enough to rule out the fastest format
     assert max(RANK[r.format] for r in rep.layers) <= RANK[best]
     assert sum(RANK[r.format] for r in rep.layers) < 4 * RANK[best] or best == "fp8-row"
+
+
+def test_report_speed_is_the_shape_matched_gemm_benchmark(runs):
+    """Each layer's candidates are ranked, and its chosen format's speed reported, from the same speed table
+    as `ditq convert --target-cos` (the GEMM benchmark at the nearest benchmarked shape)."""
+    from ditq.precision import SpeedTable, mix_speed
+
+    table = SpeedTable.load()
+    for target in runs:
+        rep = runs[target][1]
+        assert rep.speed_source == table.describe()
+        for r in rep.layers:
+            applies = [c for c, v in r.cos.items() if v is not None]
+            assert r.order == table.order(applies, *r.shape)
+            assert r.speed == {c: table.speed(c, *r.shape).ratio for c in r.order}
+            assert r.gemm == table.speed(r.order[0], *r.shape).gemm
+        assert rep.est_speed == mix_speed([(*r.shape, r.speed[r.format]) for r in rep.layers])
+        s = str(rep)
+        assert "est.speed" in s and "GEMM" in s
+        if table.rows:
+            assert all(r.gemm and r.speed[r.format] > 0 for r in rep.layers) and "estimated linear speed" in s
+    # a looser target is estimated no slower
+    speeds = [runs[t][1].est_speed for t in sorted(runs)]
+    assert None in speeds or speeds == sorted(speeds, reverse=True)
