@@ -400,6 +400,79 @@ def test_dynamic_under_torch_compile_and_autograd():
     assert F.relative_error(xg.grad, torch.ones(2, 9, 128) @ w) < 2e-2
 
 
+@pytest.mark.parametrize("fmt", ["int8-row", "fp8-row"])
+def test_dynamic_fused_into_the_8bit_gemm(fmt, monkeypatch):
+    """On the Triton path (interpreter on CPU, fp16: its bf16 dot is wrong) a quantized row-format layer runs
+    its adapters inside the GEMM (ops.linear_lora, once per call): two adapters (r 48 with a bias, r 16)
+    against float64, the same as the unfused path, and removal restores the plain output bit for bit."""
+    from ditq.kernels import ops, triton_runs_on
+
+    monkeypatch.setattr(ops, "triton_runs_on", triton_runs_on)
+    dtype = torch.float16 if not torch.cuda.is_available() else torch.bfloat16
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(21)
+    layer = nn.Linear(160, 45).to(dev, dtype)
+    layer.weight = nn.Parameter(ditq.quantize_weight(layer.weight.detach(), fmt), requires_grad=False)
+    model = nn.Sequential(layer)
+    gen = torch.Generator().manual_seed(22)
+    (a1, b1), (a2, b2) = _pair(45, 160, 48, gen, 0.5), _pair(45, 160, 16, gen, 0.5)
+    bias1 = torch.randn(45, generator=gen) * 0.1
+    x = torch.randn(3, 11, 160, generator=gen).to(dev, dtype)
+    with torch.no_grad():
+        base = model(x)
+    ditq.apply_lora(model, {"0.lora_A.weight": a1, "0.lora_B.weight": b1, "0.lora_B.bias": bias1}, scale=0.5,
+                    mode="dynamic", adapter_name="a")
+    ditq.apply_lora(model, {"0.lora_A.weight": a2, "0.lora_B.weight": b2}, scale=2.0, mode="dynamic", adapter_name="b")
+    calls = []
+    real = ops.linear_lora
+    monkeypatch.setattr(ops, "linear_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a1, b1, a2, b2 = (t.to(dtype).cpu() for t in (a1, b1, a2, b2))
+    with torch.no_grad():
+        y = model(x)
+        assert len(calls) == 1
+        monkeypatch.setattr(L, "FUSE", False)
+        y_unfused = model(x)
+        monkeypatch.setattr(L, "FUSE", True)
+    xc = x.cpu()
+    ref = _branch(xc, a1, b1, 0.5) + _branch(xc, a2, b2, 2.0) + 0.5 * bias1.to(dtype).double()
+    want = base.cpu().double() + ref
+    err, err_base = F.relative_error(y.cpu(), want), F.relative_error(base.cpu(), want)
+    assert err < 5e-3 and err_base > 10 * err, (err, err_base)
+    assert F.relative_error(y_unfused.cpu(), want) < 5e-3
+    assert ditq.remove_lora(model) == 2
+    with torch.no_grad():
+        assert torch.equal(model(x), base)
+    assert "forward" not in layer.__dict__ and not hasattr(layer, "ditq_lora")
+
+
+def test_dynamic_on_an_already_wrapped_forward_uses_a_hook():
+    """A layer whose forward is wrapped (accelerate's hooks set an instance forward) keeps its wrapper: the
+    adapter comes as a forward hook after it, and removal takes the hook away."""
+    model = _quantized_linear(64, 96, seed=23)
+    layer = model[0]
+    seen = []
+    inner = layer.forward
+
+    def wrapped(x):
+        seen.append(1)
+        return inner(x)
+
+    layer.forward = wrapped
+    gen = torch.Generator().manual_seed(24)
+    a, b = (t.bfloat16() for t in _pair(64, 96, 8, gen, 0.5))
+    x = torch.randn(5, 96, generator=gen).bfloat16()
+    with torch.no_grad():
+        base = model(x)
+        ditq.apply_lora(model, {"0.lora_A.weight": a, "0.lora_B.weight": b}, mode="dynamic")
+        y = model(x)
+    assert layer.forward is wrapped and layer._forward_hooks and len(seen) == 2
+    assert F.relative_error(y.double() - base.double(), _branch(x, a, b, 1.0)) < 2e-2
+    ditq.remove_lora(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), base)
+    assert layer.forward is wrapped and not layer._forward_hooks
+
+
 def _wan():
     torch.manual_seed(15)
     return diffusers.WanTransformer3DModel(

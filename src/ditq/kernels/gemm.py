@@ -129,10 +129,30 @@ def _block_scaled_step(acc, a, b, xs_row, ws_row, kb, stride_xsk, stride_wsk,
 
 
 @triton.jit
+def _lora_dot(y, rm, rn, M, N, xa_ptr, lb_ptr, stride_xam, stride_lbn,
+              LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_F32: tl.constexpr):  # fmt: skip
+    """y [BLOCK_M, BLOCK_N] fp32 + xa[rm, :] @ lb[rn, :]^T: the LoRA up-projection of this output tile, its
+    factors folded into lb. xa [M, LORA_RANK], lb [N, LORA_RANK] (16-bit, unit column stride); LORA_R is
+    LORA_RANK rounded up to a power of two >= 16 (tl.arange / tl.dot sizes), the padding masked to zero.
+    Accumulates into y itself, so no second fp32 tile is live. LORA_F32: fp32 operands (fp32 models, and the
+    interpreter, whose bf16 dot is wrong in triton 3.6)."""
+    rr = tl.arange(0, LORA_R)
+    r_ok = (rr < LORA_RANK)[None, :]
+    xa = tl.load(xa_ptr + (rm % M)[:, None].to(tl.int64) * stride_xam + rr[None, :], mask=r_ok, other=0.0)
+    lb = tl.load(lb_ptr + (rn % N)[:, None].to(tl.int64) * stride_lbn + rr[None, :], mask=r_ok, other=0.0)
+    if LORA_F32:
+        return tl.dot(xa.to(tl.float32), tl.trans(lb.to(tl.float32)), y, input_precision="ieee")
+    return tl.dot(xa, tl.trans(lb), y)
+
+
+@triton.jit
 def _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
+              xa_ptr, lb_ptr, stride_xam, stride_lbn,
               BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-              MANUAL_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Scales (non-block formats: x_scale[m] * w_scale[n] or scalar), bias, cast, masked store."""
+              MANUAL_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_F32: tl.constexpr):  # fmt: skip
+    """Scales (non-block formats: x_scale[m] * w_scale[n] or scalar), the LoRA branch (LORA_RANK > 0), bias,
+    cast, masked store."""
     rm = off_m + tl.arange(0, BLOCK_M)
     rn = off_n + tl.arange(0, BLOCK_N)
     if BLOCK_SCALED:
@@ -144,6 +164,8 @@ def _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride
             y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
         else:
             y = acc.to(tl.float32) * (xs * tl.load(ws_ptr))[:, None]
+    if LORA_RANK > 0:
+        y = _lora_dot(y, rm, rn, M, N, xa_ptr, lb_ptr, stride_xam, stride_lbn, LORA_RANK, LORA_R, LORA_F32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
@@ -152,12 +174,12 @@ def _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride
 
 @triton.jit(do_not_specialize=["M"])
 def _scaled_mm_persistent_kernel(
-    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_om, stride_xsm, stride_xsk, stride_wsn, stride_wsk,
+    x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, xa_ptr, lb_ptr,
+    M, N, K, stride_om, stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_xam, stride_lbn,
     IS_INT: tl.constexpr, BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     MAGIC_I2F: tl.constexpr, MANUAL_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_F32: tl.constexpr,
 ):  # fmt: skip
     """One program per SM, looping over output tiles; the tile loop is flattened with the K loop so the
     software pipeline issues the next tile's TMA loads while this tile's epilogue runs."""
@@ -183,19 +205,21 @@ def _scaled_mm_persistent_kernel(
         tile_out += NUM_PROGRAMS
         off_m, off_n = _tile_coords(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
-                  BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE, BLOCK_M, BLOCK_N)  # fmt: skip
+                  xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
+                  BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_F32)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])  # M changes call to call; one compiled kernel serves every M
 def _scaled_mm_kernel(
-    x_ptr, x_desc, w_ptr, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr,
+    x_ptr, x_desc, w_ptr, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, xa_ptr, lb_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om,
-    stride_xsm, stride_xsk, stride_wsn, stride_wsk,
+    stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_xam, stride_lbn,
     IS_INT: tl.constexpr, BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, DOT2: tl.constexpr, MAGIC_I2F: tl.constexpr,
     MANUAL_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_F32: tl.constexpr,
 ):  # fmt: skip
     off_m, off_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = off_m + tl.arange(0, BLOCK_M)
@@ -241,7 +265,8 @@ def _scaled_mm_kernel(
                                BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=dot_ty)
     _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
-              BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE, BLOCK_M, BLOCK_N)  # fmt: skip
+              xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
+              BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_F32)  # fmt: skip
 
 
 _SMS: dict = {}
@@ -287,13 +312,44 @@ def check_operands(xq, x_scale, wq, w_scale, fmt: F.Format, bias) -> None:
         raise ShapeError(f"scaled_mm: bias has shape {tuple(bias.shape)}, expected ({n},)")
 
 
-def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config) -> _quant.Spec:
+def check_lora(lora, m: int, n: int, fmt: F.Format) -> None:
+    """The LoRA operands (xa [M, r], lb [N, r]) of a fused call; ShapeError naming what is wrong."""
+    xa, lb = lora
+    if fmt.is_block:
+        raise ShapeError(f"scaled_mm {fmt.name}: the fused LoRA epilogue is for row / tensor formats; add the "
+                         f"branch after the GEMM for block formats")  # fmt: skip
+    if xa.dim() != 2 or lb.dim() != 2 or xa.shape[0] != m or lb.shape[0] != n or xa.shape[1] != lb.shape[1]:
+        raise ShapeError(f"scaled_mm LoRA: needs xa [M={m}, r] and lb [N={n}, r], got {tuple(xa.shape)} and "
+                         f"{tuple(lb.shape)}")  # fmt: skip
+    ok = (torch.bfloat16, torch.float16, torch.float32)
+    if xa.dtype not in ok or lb.dtype != xa.dtype or xa.stride(1) != 1 or lb.stride(1) != 1:
+        raise ShapeError(f"scaled_mm LoRA: xa and lb must share a float dtype and have unit column stride, got "
+                         f"{xa.dtype} {tuple(xa.stride())} and {lb.dtype} {tuple(lb.stride())}")  # fmt: skip
+
+
+def _lora_args(lora) -> tuple[tuple, dict, tuple | None]:
+    """(pointer and stride arguments, constexprs, specialization key) of the LoRA epilogue; lora = (xa, lb) or
+    None (the plain GEMM: LORA_RANK = 0 compiles the branch out)."""
+    if lora is None:
+        return (None, None, 0, 0), dict(LORA_RANK=0, LORA_R=16, LORA_F32=False), None
+    xa, lb = lora
+    r = xa.shape[1]
+    sa, sb = xa.stride(0), lb.stride(0)
+    key = (xa.dtype, xa.data_ptr() & 15, lb.data_ptr() & 15, sa & 15, sa == 1, sb & 15, sb == 1)
+    consts = dict(LORA_RANK=r, LORA_R=max(16, triton.next_power_of_2(r)),
+                  LORA_F32=INTERPRET or xa.dtype == torch.float32)  # fmt: skip
+    return (xa, lb, sa, sb), consts, key
+
+
+def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config, lora=None) -> _quant.Spec:
     """The launch of the scaled GEMM for checked operands (M, N, K > 0) into ``out`` [M, N] (fresh, contiguous)
-    with configuration ``c``. TMA operands are ``Tma`` objects in ``spec.args`` (x first, then w)."""
+    with configuration ``c``. TMA operands are ``Tma`` objects in ``spec.args`` (x first, then w). ``lora``:
+    (xa [M, r], lb [N, r]) checked by ``check_lora``, added in the epilogue (``acc += xa @ lb^T``)."""
     m, k = xq.shape
     n = wq.shape[0]
     if fmt.is_block and (c.block_k != F.BLOCK or F.BLOCK % c.block_n):
         raise ShapeError(f"config {c} invalid for {fmt.name}: needs block_k == 128 and block_n dividing 128")
+    (xa, lb, s_xa, s_lb), lora_c, lora_key = _lora_args(lora)
     use_tma = c.tma and _tma_ok(xq) and _tma_ok(wq)
     if x_scale.dim() == 1:
         x_scale = x_scale[:, None]
@@ -307,26 +363,27 @@ def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config
     # what Triton specializes on, for the launch cache (M is not specialized; out is a fresh allocation)
     key = (out.dtype, x_scale.dtype, w_scale.dtype, None if bias is None else bias.dtype,
            xq.data_ptr() & 15, wq.data_ptr() & 15, x_scale.data_ptr() & 15, w_scale.data_ptr() & 15,
-           0 if bias is None else bias.data_ptr() & 15, n, k, xq.stride(), wq.stride(), xss, ws_stride)  # fmt: skip
+           0 if bias is None else bias.data_ptr() & 15, n, k, xq.stride(), wq.stride(), xss, ws_stride, lora_key)  # fmt: skip
     x_desc = _quant.Tma(xq, (c.block_m, c.block_k)) if use_tma else None
     w_desc = _quant.Tma(wq, (c.block_n, c.block_k)) if use_tma else None
     if use_tma and c.persistent:
         programs = min(tiles, _num_sms(xq.device))
-        args = (x_desc, w_desc, x_scale, w_scale, bias, out, m, n, k, out.stride(0), xss[0], xss[1],
-                ws_stride[0], ws_stride[1])  # fmt: skip
+        args = (x_desc, w_desc, x_scale, w_scale, bias, out, xa, lb, m, n, k, out.stride(0), xss[0], xss[1],
+                ws_stride[0], ws_stride[1], s_xa, s_lb)  # fmt: skip
         return _quant.Spec(
             _scaled_mm_persistent_kernel, (programs,), args,
             dict(**common, MAGIC_I2F=c.magic_i2f, MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                 BLOCK_K=c.block_k, GROUP_M=c.group_m, NUM_PROGRAMS=programs),
+                 BLOCK_K=c.block_k, GROUP_M=c.group_m, NUM_PROGRAMS=programs, **lora_c),
             c.num_warps, c.num_stages, key=key, **opts,
         )  # fmt: skip
-    args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, m, n, k,
+    args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, xa, lb, m, n, k,
             xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
-            xss[0], xss[1], ws_stride[0], ws_stride[1])  # fmt: skip
+            xss[0], xss[1], ws_stride[0], ws_stride[1], s_xa, s_lb)  # fmt: skip
     return _quant.Spec(
         _scaled_mm_kernel, (tiles,), args,
         dict(**common, USE_TMA=use_tma, EVEN_K=k % c.block_k == 0, DOT2=c.dot2, MAGIC_I2F=c.magic_i2f,
-             MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m),
+             MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+             **lora_c),
         c.num_warps, c.num_stages, key=key, **opts,
     )  # fmt: skip
 
@@ -354,22 +411,36 @@ def scaled_mm(
     out_dtype: torch.dtype = torch.bfloat16,
     config: Config | None = None,
     check: bool = True,
+    lora_xa: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y [M, N] ``out_dtype`` = dequant(xq) @ dequant(wq)^T + bias, with Triton (see the module docstring
-    for layouts). ``config`` overrides the tuned/heuristic launch configuration."""
+    """y [M, N] ``out_dtype`` = dequant(xq) @ dequant(wq)^T (+ lora_xa @ lora_b^T) + bias, with Triton (see the
+    module docstring for layouts). ``config`` overrides the tuned/heuristic launch configuration.
+
+    LoRA (row / tensor formats): lora_xa [M, r] = x @ A^T and lora_b [N, r] (the LoRA factors folded in),
+    bf16 / fp16 / fp32 alike, unit column stride, any r; the up-projection runs in the epilogue on the
+    output tile (fp32 accumulation) before the bias and the cast, so y is written once."""
     fmt = F.get_format(fmt)
     if check:
         check_operands(xq, x_scale, wq, w_scale, fmt, bias)
     m, k = xq.shape
     n = wq.shape[0]
+    lora = None
+    if lora_xa is not None or lora_b is not None:
+        lora = (lora_xa, lora_b)
+        if check:
+            check_lora(lora, m, n, fmt)
     out = _quant.empty((m, n), out_dtype, xq.device)
     if not (m and n and k):
-        return _empty_product(out, bias)
+        out = _empty_product(out, bias)
+        if lora is not None and m and n and lora_xa.shape[1]:  # K = 0: the branch alone (its x @ A^T is zero too)
+            out += (lora_xa.float() @ lora_b.float().t()).to(out.dtype)
+        return out
     if config is None:
         from .configs import get_config
 
         config = get_config(fmt.name, m, n, k)
-    _launch(scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, config))
+    _launch(scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, config, lora))
     return out
 
 

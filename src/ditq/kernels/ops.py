@@ -403,3 +403,105 @@ def linear(x, wq, w_scale, fmt, bias=None, out_dtype=None) -> torch.Tensor:
     if _compiling():
         return torch.ops.ditq.linear(x, wq, w_scale, f.name, bias, out_dtype or x.dtype)
     return _linear_triton(x, wq, w_scale, f, bias, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# linear with a LoRA branch: y = linear(x) + (x @ lora_a^T) @ lora_b^T
+#
+# Row and tensor formats add the up-projection inside the GEMM's epilogue, on the output tile in registers
+# (bench/NOTES.md: after the GEMM it cost a read and a write of y, +14% to +146%). Block formats, few rows
+# (the weight-only kernel) and devices without Triton add it after the product. LoRA calls take the regular
+# launches, not the launch plans: at the token counts where the branch matters the GEMM takes 100+ us and
+# hides the host time (measured: bench/NOTES.md, LoRA).
+
+
+def _check_lora_weights(lora_a, lora_b, n: int, k: int) -> None:
+    from ..errors import ShapeError
+
+    if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != k or lora_b.shape[0] != n or \
+            lora_a.shape[0] != lora_b.shape[1]:  # fmt: skip
+        raise ShapeError(f"linear_lora: needs lora_a [r, K={k}] and lora_b [N={n}, r], got {tuple(lora_a.shape)} "
+                         f"and {tuple(lora_b.shape)}")  # fmt: skip
+    if not (lora_a.is_floating_point() and lora_b.dtype == lora_a.dtype):
+        raise ShapeError(f"linear_lora: lora_a and lora_b must share a float dtype, got {lora_a.dtype} and {lora_b.dtype}")
+
+
+def _lora_after(y, xa, lora_b):
+    """y [M, N] (fresh, contiguous) += xa [M, r] @ lora_b^T, in place (one more pass over y)."""
+    return y.addmm_(xa.to(y.dtype), lora_b.to(y.dtype).t())
+
+
+def linear_lora_ref(x, wq, w_scale, fmt, lora_a, lora_b, bias=None, out_dtype=None):
+    """Reference: the W8A8 linear in float32, plus (x @ A^T, rounded to A's dtype as the kernels keep it) @ B^T,
+    plus the bias, one cast."""
+    f = _fmt(fmt)
+    y = F.linear_ref(x, wq, w_scale, f, None, torch.float32)
+    xa = torch.nn.functional.linear(x.to(lora_a.dtype), lora_a)
+    y = y + (xa.float().reshape(-1, xa.shape[-1]) @ lora_b.float().t()).reshape(y.shape)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype)
+
+
+def _linear_lora_triton(x, wq, w_scale, fmt: F.Format, lora_a, lora_b, bias, out_dtype, kept: bool = True):
+    k = x.shape[-1]
+    n = wq.shape[0]
+    _gemm.check_weight_side(wq, w_scale, fmt, bias, k)
+    _check_lora_weights(lora_a, lora_b, n, k)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out_dtype = out_dtype or x.dtype
+    wo = 0 < m <= weight_only_max_m(x, fmt) and wq.is_contiguous()
+    if fmt.is_block or wo or not (m and n and k):
+        y = _linear_general(x2, wq, w_scale, fmt, bias, out_dtype, wo, kept)
+        y = _lora_after(y, torch.nn.functional.linear(x2.to(lora_a.dtype), lora_a), lora_b) if m and n else y
+    else:
+        xq, xs, xa = _act_quant_lora(x2, fmt, lora_a)
+        y = _gemm.scaled_mm(xq, xs, wq, w_scale, fmt, bias, out_dtype, check=False, lora_xa=xa,
+                            lora_b=lora_b.contiguous())  # fmt: skip
+    return y.reshape(*lead, n)
+
+
+def _act_quant_lora(x2, fmt: F.Format, lora_a):
+    """(xq, x_scale, xa = x @ lora_a^T [M, r] in lora_a's dtype) of x2 [M, K]: one kernel (``kernels.lora``),
+    or act_quant and a cuBLAS GEMM."""
+    from . import lora as _lora
+
+    if _lora.FUSED_XA and lora_a.stride(1) == 1:
+        return _lora.act_quant_lora(x2, fmt, lora_a)
+    xa = torch.nn.functional.linear(x2.to(lora_a.dtype), lora_a)
+    xq, xs = _quant.act_quant(x2, fmt)
+    return xq, xs, xa
+
+
+def _linear_lora_impl(x, wq, w_scale, fmt, lora_a, lora_b, bias, out_dtype):
+    return _linear_lora_triton(x, wq, w_scale, _fmt(fmt), lora_a, lora_b, bias, out_dtype, kept=False)
+
+
+def _linear_lora_fake(x, wq, w_scale, fmt, lora_a, lora_b, bias, out_dtype):
+    return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+if HAS_TRITON:
+    _LIB.define("linear_lora(Tensor x, Tensor wq, Tensor w_scale, str fmt, Tensor lora_a, Tensor lora_b, Tensor? bias, "
+                "ScalarType out_dtype) -> Tensor")  # fmt: skip
+    _LIB.impl("linear_lora", _linear_lora_impl, "CUDA")
+    _LIB.impl("linear_lora", _linear_lora_impl, "CPU")
+    torch.library.register_fake("ditq::linear_lora", _linear_lora_fake, lib=_LIB)
+
+
+def linear_lora(x, wq, w_scale, fmt, lora_a, lora_b, bias=None, out_dtype=None) -> torch.Tensor:
+    """``linear`` plus a low-rank branch: y [..., N] = act_quant(x) times wq [N, K] + (x @ lora_a^T) @ lora_b^T
+    + bias, in ``out_dtype`` (default x's). lora_a [r, K], lora_b [N, r]: one float dtype (the 16-bit compute
+    dtype; x is cast to it for the down-projection), any r, several adapters concatenated along r with their
+    factors folded into lora_b. Row / tensor formats add the branch in the GEMM's epilogue (y written once);
+    block formats and few rows after the product. Raises ShapeError on operands that do not fit."""
+    f = _fmt(fmt)
+    if not triton_runs_on(x):
+        k = x.shape[-1]
+        _check_lora_weights(lora_a, lora_b, wq.shape[0], k)
+        return linear_lora_ref(x, wq, w_scale, f, lora_a, lora_b, bias, out_dtype)
+    if _compiling() or type(x) is not torch.Tensor:  # see tensor._traced_op: fake tensors without is_compiling
+        return torch.ops.ditq.linear_lora(x, wq, w_scale, f.name, lora_a, lora_b, bias, out_dtype or x.dtype)
+    return _linear_lora_triton(x, wq, w_scale, f, lora_a, lora_b, bias, out_dtype)

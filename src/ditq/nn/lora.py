@@ -7,11 +7,14 @@ A LoRA adds ``scale * (alpha / r) * B @ A`` to a linear weight W [N, K], with A 
   again in the same format (the same QuantizedTensor is updated in place, so there is never a second copy
   of the model). Costs nothing at run time; cannot be undone without reloading.
 - ``mode="dynamic"``: keep A and B in the layer's compute dtype (16-bit) beside the 8-bit weight and add the
-  branch after the 8-bit GEMM, ``y = linear8(x) + f * (x @ A^T) @ B^T`` (one skinny GEMM and one
-  ``addmm`` with beta=1, in place on y). Several adapters at once (those enabled are packed into one pair
-  of GEMMs), switchable (``set_lora_scale``, ``enable_lora`` / ``disable_lora``) and removable
-  (``remove_lora``) without reloading. It is a forward hook of the ``nn.Linear``, so it survives
-  accelerate-style forward wrapping, and ``torch.compile`` traces it without graph breaks.
+  branch at run time, ``y = linear8(x) + f * (x @ A^T) @ B^T``: for int8-row / fp8-row / fp8-tensor
+  weights inside the 8-bit GEMM (``xa = x @ A^T`` first, then ``acc += xa @ B^T`` in the GEMM's epilogue,
+  so y is written once; ``ops.linear_lora``), else after it (one skinny GEMM and one ``addmm`` with beta=1,
+  in place on y). Several adapters at once (those enabled are packed into one branch), switchable
+  (``set_lora_scale``, ``enable_lora`` / ``disable_lora``) and removable (``remove_lora``) without
+  reloading. The layer gets an instance ``forward`` (a layer whose forward is already wrapped, e.g. by
+  accelerate, or not nn.Linear's gets a forward hook instead), and ``torch.compile`` traces either
+  without graph breaks.
 
 Key names understood (see ``_ROLE_PATTERNS``): diffusers / PEFT (``<module>.lora_A.weight``,
 ``lora_A.<adapter>.weight``, ``transformer.`` / ``base_model.model.`` prefixes, optional ``<module>.alpha``,
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as Fn
 
 from ..errors import CheckpointError, DitqError, ShapeError
+from ..kernels import ops
 from ..tensor import QuantizedTensor, quantize_weight
 
 MODES = ("merge", "dynamic")
@@ -486,29 +491,33 @@ class _Adapter:
     enabled: bool = True
 
 
+FUSE = True
+"""Quantized row / tensor-format layers add the branch inside the 8-bit GEMM (``ops.linear_lora``). False:
+after it, as two cuBLAS GEMMs (the benchmark's baseline; the path block formats and gradients always take)."""
+
+
 class LoraSlot(nn.Module):
     """The dynamic LoRA adapters of one ``nn.Linear``, child ``ditq_lora`` of that layer.
 
     Adapter tensors are non-persistent buffers (they follow ``model.to(...)`` and stay out of
     ``state_dict``): ``A_i`` [r, K], ``B_i`` [N, r] and optionally ``bias_i`` [N] in the layer's compute dtype.
-    What the forward uses is decided when adapters change, not in the forward: one enabled adapter without
-    bias -> its own A_i / B_i and the factor ``scale * alpha / r``; otherwise ``packed_A`` [R, K] and
-    ``packed_B`` [N, R] with the factors folded into B, so any number of adapters costs one pair of GEMMs.
-    Biases ride along in that pair: A gets 8 zero rows (8 keeps cuBLAS's leading dimensions aligned) and
-    the down-projection a bias that is 1 on the first of them, so ``x @ A^T`` carries a column of ones, and
-    B's matching column holds the sum of the scaled biases."""
+    What the forward uses is decided when adapters change, not in the forward: ``packed_A`` [R, K] and
+    ``packed_B`` [N, R] (R = sum of the enabled ranks) with each adapter's factor ``scale * alpha / r``
+    folded into its columns of B (one enabled adapter: A is its own A_i), so any number of adapters costs one
+    branch; ``packed_bias`` float32 [N], the sum of the scaled biases (None without any), is added to the
+    layer's bias.
+
+    The branch: on a quantized weight of a row / tensor format (``FUSE``, no gradient needed) the layer's
+    forward is ``ops.linear_lora`` (the up-projection in the GEMM's epilogue, y written once); otherwise the
+    base output y plus ``(x @ A^T) @ B^T`` by cuBLAS (in place on y when no gradient is recorded)."""
 
     def __init__(self):
         super().__init__()
         self.adapters: dict[str, _Adapter] = {}
         self._next = 0
-        self._down: str | None = None  # names of the buffers the forward uses (None: no active adapter)
-        self._up: str | None = None
-        self._down_bias: str | None = None
-        self._alpha = 0.0
         self.register_buffer("packed_A", None, persistent=False)
         self.register_buffer("packed_B", None, persistent=False)
-        self.register_buffer("packed_A_bias", None, persistent=False)
+        self.register_buffer("packed_bias", None, persistent=False)
         self._hook = None
 
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, factor: float, scale: float):
@@ -527,48 +536,58 @@ class LoraSlot(nn.Module):
         self.repack()
 
     def repack(self) -> None:
-        self.packed_A = self.packed_B = self.packed_A_bias = None
-        self._down_bias = None
+        self.packed_A = self.packed_B = self.packed_bias = None
         active = [a for a in self.adapters.values() if a.enabled and a.scale * a.factor != 0.0]
-        biases = [(getattr(self, f"bias_{a.index}"), a.scale * a.factor) for a in active]
-        biases = [(b, f) for b, f in biases if b is not None]
         if not active:
-            self._down = self._up = None
-            return
-        if len(active) == 1 and not biases:
-            a = active[0]
-            self._down, self._up, self._alpha = f"A_{a.index}", f"B_{a.index}", a.scale * a.factor
             return
         A = [getattr(self, f"A_{a.index}") for a in active]
+        dtype = A[0].dtype
         B = [getattr(self, f"B_{a.index}").float() * (a.scale * a.factor) for a in active]
-        dtype, r = A[0].dtype, sum(a.shape[0] for a in A)
-        if biases:
-            A.append(A[0].new_zeros(8, A[0].shape[1]))
-            ones = B[0].new_zeros(B[0].shape[0], 8)
-            ones[:, 0] = sum(b.float() * f for b, f in biases)
-            B.append(ones)
-            self.packed_A_bias = A[0].new_zeros(r + 8)
-            self.packed_A_bias[r] = 1.0
-            self._down_bias = "packed_A_bias"
-        self.packed_A = torch.cat(A)
+        biases = [getattr(self, f"bias_{a.index}") for a in active]
+        bias = [b.float() * (a.scale * a.factor) for a, b in zip(active, biases) if b is not None]
+        self.packed_A = A[0] if len(A) == 1 else torch.cat(A)
         self.packed_B = torch.cat(B, dim=1).to(dtype)
-        self._down, self._up, self._alpha = "packed_A", "packed_B", 1.0
+        self.packed_bias = sum(bias) if bias else None
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's forward with its adapters: ``F.linear(x, weight, bias)`` plus the branch."""
+        A, B = self.packed_A, self.packed_B
+        if A is None:  # nothing enabled: exactly the plain layer
+            return Fn.linear(x, weight, bias)
+        if (FUSE and isinstance(weight, QuantizedTensor) and not weight.rotation
+                and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):  # fmt: skip
+            extra = self.packed_bias
+            if extra is not None:
+                bias = extra if bias is None else bias.float() + extra
+            return ops.linear_lora(x, weight.qdata, weight.scale, weight.format, A, B, bias)
+        return self(x, Fn.linear(x, weight, bias))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y [..., N] (the base layer's output for x [..., K]) plus the enabled adapters' branch."""
-        if self._down is None:
+        """y [..., N] (the base layer's output for x [..., K]) plus the enabled adapters' branch, after the GEMM."""
+        A, B = self.packed_A, self.packed_B
+        if A is None:
             return y
-        down, up = getattr(self, self._down), getattr(self, self._up)
-        down_bias = getattr(self, self._down_bias) if self._down_bias is not None else None
-        xa = Fn.linear(x.to(down.dtype), down, down_bias)  # [..., R]: reads x once
+        xa = Fn.linear(x.to(A.dtype), A)  # [..., R]: reads x once
         if xa.dtype != y.dtype:
-            xa, up = xa.to(y.dtype), up.to(y.dtype)
+            xa, B = xa.to(y.dtype), B.to(y.dtype)
         n = y.shape[-1]
         if not torch.is_grad_enabled() and y.is_contiguous():
             # beta=1 GEMM accumulating into y: one pass over y instead of a temporary and an add
-            y.view(-1, n).addmm_(xa.reshape(-1, xa.shape[-1]), up.t(), alpha=self._alpha)
-            return y
-        return torch.addmm(y.reshape(-1, n), xa.reshape(-1, xa.shape[-1]), up.t(), alpha=self._alpha).view(y.shape)
+            y.view(-1, n).addmm_(xa.reshape(-1, xa.shape[-1]), B.t())
+        else:
+            y = torch.addmm(y.reshape(-1, n), xa.reshape(-1, xa.shape[-1]), B.t()).view(y.shape)
+        if self.packed_bias is not None:
+            y = y + self.packed_bias.to(y.dtype)
+        return y
+
+
+def _lora_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` of a layer with dynamic adapters (installed as the instance's ``forward``, so the
+    8-bit GEMM itself can carry the branch); the plain forward once the slot is gone."""
+    slot = self._modules.get("ditq_lora")
+    if slot is None:
+        return Fn.linear(input, self.weight, self.bias)
+    return slot.linear(input, self.weight, self.bias)
 
 
 def _lora_hook(module: nn.Module, args, kwargs, output):
@@ -589,13 +608,20 @@ def _attach(t: _Target, name: str, scale: float) -> None:
     if slot is None:
         slot = LoraSlot()
         t.module.ditq_lora = slot
-        slot._hook = t.module.register_forward_hook(_lora_hook, with_kwargs=True)
+        if type(t.module).forward is nn.Linear.forward and "forward" not in t.module.__dict__:
+            # the layer's own forward (nn.Linear's): replaced, so a quantized GEMM can fuse the branch
+            t.module.forward = types.MethodType(_lora_forward, t.module)
+        else:  # a subclass's forward, or one wrapped already (accelerate): the branch after it, by a hook
+            slot._hook = t.module.register_forward_hook(_lora_hook, with_kwargs=True)
     bias = t.bias.to(device, dtype) if t.bias is not None else None
     slot.add(name, t.A.to(device, dtype).contiguous(), t.B.to(device, dtype).contiguous(), bias, t.factor, scale)
 
 
 def _detach(module: nn.Module, slot: LoraSlot) -> None:
-    slot._hook.remove()
+    if slot._hook is not None:
+        slot._hook.remove()
+    elif getattr(module.__dict__.get("forward"), "__func__", None) is _lora_forward:
+        del module.forward  # (when a wrapper was put around it since, it stays: without the slot it is plain)
     del module.ditq_lora
 
 
