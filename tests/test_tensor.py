@@ -200,6 +200,54 @@ def test_compiles_with_inductor():
         assert F.relative_error(compiled(x), m(x)) < 1e-5
 
 
+class _SharedInput(nn.Module):
+    """Three quantized linears reading one normalized x, as Flux's / Wan's q, k, v projections do."""
+
+    def __init__(self, fmt, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.norm = nn.LayerNorm(256)
+        self.q, self.k, self.v = (nn.Linear(256, 128) for _ in range(3))
+        for lin in (self.q, self.k, self.v):
+            lin.weight = nn.Parameter(ditq.quantize_weight(lin.weight.data, fmt), requires_grad=False)
+
+    def forward(self, x):
+        h = self.norm(x) * 1.5 + 0.25
+        return self.q(h), self.k(h), self.v(h)
+
+
+@pytest.mark.parametrize("fmt", ["int8-row", "fp8-row", "int8-block"])
+@pytest.mark.parametrize("mode", ["inductor", "op"])
+def test_compiled_graph_quantizes_activations_once_per_input(fmt, mode, monkeypatch):
+    # "inductor": the activation quantization is traced as torch ops (fusable into the LayerNorm, shared by the
+    # three linears after CSE) and the GEMM is ditq.scaled_mm; "op": one ditq.linear per projection
+    from torch._dynamo.backends.common import aot_autograd
+
+    import ditq.tensor as T
+
+    monkeypatch.setattr(T, "COMPILE_ACT_QUANT", mode)
+    seen = []
+
+    def fw(gm, example_inputs):
+        seen.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return gm
+
+    m = _SharedInput(fmt, 21)
+    x = torch.randn(3, 7, 256)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(m, fullgraph=True, backend=aot_autograd(fw_compiler=fw))(x)
+        want = m(x)
+    for g, w in zip(got, want):
+        assert F.relative_error(g, w) < 1e-6  # the same scales and rounding as the eager kernel
+    ops_ = [str(t) for t in seen[-1]]
+    if mode == "inductor":
+        assert sum("ditq.scaled_mm" in o for o in ops_) == 3 and not any("ditq.linear" in o for o in ops_)
+        assert sum("amax" in o for o in ops_) == 1, ops_  # one quantization of h for three linears
+    else:
+        assert sum("ditq.linear" in o for o in ops_) == 3 and not any("ditq.scaled_mm" in o for o in ops_)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8-row", "fp8-row", "int8-block"])
 def test_pinned_non_blocking_round_trip_on_gpu(fmt):

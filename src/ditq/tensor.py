@@ -19,6 +19,8 @@ tensors and the kernel custom op, and there is no graph break.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as Fn
 
@@ -192,11 +194,64 @@ def _traced_op(name: str, t: torch.Tensor):
     return getattr(torch.ops.ditq, name, None)
 
 
+COMPILE_ACT_QUANT = "inductor"
+"""How a compiled graph quantizes activations for the W8A8 GEMM: "inductor" (torch ops that Inductor fuses
+into the producer of x, e.g. a LayerNorm + modulation, and shares between linears reading the same x, as
+Flux's q/k/v) or "op" (inside ``torch.ops.ditq.linear``, ditq's own kernel, as in eager mode)."""
+
+
+def _traced_act_quant(x2: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.quant.act_quant`` written as torch ops for a compiled graph: the same scale (max |x| / qmax per
+    token or per 1x128 block) and rounding; on CUDA x is multiplied by the scale's reciprocal as the kernel
+    does, on the CPU (interpreter) divided exactly as the kernel there does."""
+    f = F.get_format(fmt)
+    m, k = x2.shape
+    xf = x2.float() if f.act_granularity == "token" else x2.float().reshape(m, k // F.BLOCK, F.BLOCK)
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=F.AMAX_EPS) / f.qmax
+    v = xf / scale if x2.device.type == "cpu" else xf * (1.0 / scale)
+    q = F.round_to_storage(v, f).reshape(m, k)
+    return q, (scale if f.act_granularity == "token" else scale.reshape(m, k // F.BLOCK))
+
+
+_TRACED: dict = {}
+"""id(x) -> (weakref to x, weakref to the tracing proxy mode, x._version, activation kind, (xq, xs)): the
+quantized activation traced for x, reused by the next linear that reads the same x in the same trace."""
+
+
+def _shared_traced_act_quant(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_traced_act_quant`` of x [..., K] as [M, K] / scales, traced once per (x, activation kind) in a
+    graph: Flux's q/k/v projections read one x, so the graph holds one quantization instead of three (the
+    graph compiler does not merge them itself). The key is x's identity (held weakly, so a freed x can never
+    match a new one), the tracer that owns the result and x's version counter (in-place changes bump it)."""
+    f = F.get_format(fmt)
+    kind = (f.act_granularity, f.storage)
+    mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY)
+    hit = _TRACED.get(id(x))
+    if hit is not None and mode is not None:
+        xr, mr, version, k, out = hit
+        if xr() is x and mr() is mode and version == x._version and k == kind:
+            return out
+    out = _traced_act_quant(x.reshape(-1, x.shape[-1]), fmt)
+    if mode is not None:
+        for key in [key for key, v in _TRACED.items() if v[0]() is None]:  # forget dead entries
+            del _TRACED[key]
+        _TRACED[id(x)] = (weakref.ref(x), weakref.ref(mode), x._version, kind, out)
+    return out
+
+
 def _linear(x, qdata, scale, fmt, bias, out_dtype):
     op = _traced_op("linear", x)
     if op is None:
         return ops.linear(x, qdata, scale, fmt, bias, out_dtype)
-    return op(x, qdata, scale, fmt, bias, out_dtype or x.dtype)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if COMPILE_ACT_QUANT != "inductor" or rows <= ops.weight_only_max_m(x, fmt) or not k:
+        return op(x, qdata, scale, fmt, bias, out_dtype or x.dtype)
+    if F.get_format(fmt).is_block and k % F.BLOCK:
+        raise ShapeError(f"activation has K={k}: format {fmt} needs K divisible by {F.BLOCK}")
+    xq, xs = _shared_traced_act_quant(x, fmt)
+    y = torch.ops.ditq.scaled_mm(xq, xs, qdata, scale, fmt, bias, out_dtype or x.dtype)
+    return y.reshape(*x.shape[:-1], qdata.shape[0])
 
 
 def _dequant(qdata, scale, fmt, dtype, rotation=None):
