@@ -175,9 +175,10 @@ def attention_ref(
     """Pure-torch attention, HND ([B, H, Nq, D]; k, v [B, Hkv, Nk, D]); returns (out f32/f64, lse).
 
     quantize=True reproduces the kernel's quantization (Q int8 per token, smoothed K int8 per block of
-    ``block_n`` tokens, P and V in e4m3 for pv="fp8" or P rounded to v's dtype for "bf16"), up to the
-    online softmax's order of operations; quantize=False is exact attention in ``compute_dtype`` (the
-    accuracy reference). Queries run in chunks of ``chunk`` so the score matrix stays small.
+    ``block_n`` tokens, P and V in e4m3 for pv="fp8", V's mean rounding error subtracted per channel, or P
+    rounded to v's dtype for "bf16"), up to the online softmax's order of operations; quantize=False is
+    exact attention in ``compute_dtype`` (the accuracy reference). Queries run in chunks of ``chunk`` so
+    the score matrix stays small.
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
@@ -202,7 +203,11 @@ def attention_ref(
     if pv == "fp8" and quantize:
         nu = vf.mean(2, keepdim=True)
         vs = (vf.abs().amax(2, keepdim=True) + nu.abs()).clamp(min=1e-12) / 448  # bounds max |v - nu|
-        vd = ((vf - nu) / vs).clamp(-448, 448).to(torch.float8_e4m3fn).to(cd)
+        vc = ((vf - nu) / vs).clamp(-448, 448)
+        vd = vc.to(torch.float8_e4m3fn).to(cd)
+        # the kernel subtracts the mean rounding error of V's e4m3 copy per channel (systematic, see
+        # ditq.kernels.attention._kv_quant_kernel)
+        nu = nu - vs * (vd - vc).mean(2, keepdim=True)
     else:
         vd = vf
     g = H // HK

@@ -222,3 +222,89 @@ def test_sm_scale_is_honoured(fresh_seed):
     default, _ = attention_ref(q, k, v, quantize=False)
     assert metrics(out, exact)[0] >= 0.9995
     assert metrics(out, exact)[1] < 0.5 * metrics(out, default)[1]
+
+
+def _e4m3(x):
+    return x.to(torch.float8_e4m3fn).double()
+
+
+@pytest.mark.parametrize("D,N,layout", [(64, 1000, "HND"), (96, 333, "NHD")])
+@pytest.mark.parametrize("split,reverse", [(True, True), (False, False)])
+def test_prepass_buffers(D, N, layout, split, reverse, monkeypatch, fresh_seed):
+    """The K/V pre-pass against float64: channel sums and max |V| (several stats programs per head, the last
+    one partial), K int8 within half a step of K - mean, V's e4m3 copy and the sum of its rounding error;
+    pad rows and columns zero (buffers start poisoned); K and V in one program or in two, blocks in either
+    order, alike."""
+    monkeypatch.setitem(K.PREPASS, "quant_split", split)
+    monkeypatch.setitem(K.PREPASS, "quant_reverse", reverse)
+    B, HK, bn = 1, 2, 32
+    k = (torch.randn(B, N, HK, D) + 3 * torch.randn(1, 1, HK, D)).to(torch.bfloat16).to(DEVICE)
+    v = (torch.randn(B, N, HK, D) + torch.randn(1, 1, HK, D)).to(torch.bfloat16).to(DEVICE)
+    if layout == "NHD":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # strided [B, HK, N, D] views, as the wrapper passes them
+    else:
+        k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    stats, kq, ks, vt = K.kv_prepass(k, v, bn, True, True)
+    DP, NP, G = K.padded_head_dim(D), triton_cdiv(N, bn) * bn, B * HK
+    kd, vd = k.double().reshape(G, N, D).cpu(), v.double().reshape(G, N, D).cpu()
+    stats, kq, ks, vt = stats.cpu().double(), kq.cpu(), ks.cpu().double(), vt.cpu()
+    assert torch.allclose(stats[:, 0, :D], kd.sum(1), rtol=1e-5, atol=1e-3), f"seed {fresh_seed}: sum k"
+    assert torch.allclose(stats[:, 1, :D], vd.sum(1), rtol=1e-5, atol=1e-3), f"seed {fresh_seed}: sum v"
+    assert torch.equal(stats[:, 2, :D], vd.abs().amax(1)), f"seed {fresh_seed}: max |v|"
+    assert (stats[:, :, D:] == 0).all()
+    # K: int8, one scale per block of bn tokens, within half a step of the smoothed keys
+    kc = kd - stats[:, 0, None, :D] / N
+    kdq = kq[:, :N, :D].double() * ks.repeat_interleave(bn, 1)[:, :N, None]
+    assert (kdq - kc).abs().le(0.5001 * ks.repeat_interleave(bn, 1)[:, :N, None]).all(), f"seed {fresh_seed}"
+    assert (kq[:, N:] == 0).all() and (kq[:, :, D:] == 0).all() and kq.abs().max() <= 127
+    # V: centred, one e4m3 scale per channel, transposed; the rounding error summed per channel
+    nu = stats[:, 1, :D] / N
+    vs = (stats[:, 2, :D] + nu.abs()) / 448
+    vc = ((vd - nu[:, None]) / vs[:, None]).clamp(-448, 448)
+    v8 = vt[:, :D, :N].transpose(1, 2).double()
+    # within half an e4m3 step of vc (2^-4 of it in the normal range, 2^-10 among subnormals); the kernel
+    # rounds its own f32 vc, which may fall on the other side of a tie than the float64 one
+    assert ((v8 - vc).abs() <= 0.0625 * vc.abs() * 1.0001 + 2**-10).all(), f"seed {fresh_seed}: V e4m3"
+    assert (vt[:, :, N:].double() == 0).all() and (vt[:, D:].double() == 0).all()
+    err = (v8 - vc).sum(1)  # ~ +-100 here; f32 sums of f32 vc agree to ~0.005
+    assert torch.allclose(stats[:, 3, :D], err, rtol=1e-4, atol=0.02), f"seed {fresh_seed}: V rounding error sum"
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_fp8_mean_rounding_error_removed(fresh_seed):
+    """V with half its entries exactly zero (ReLU-like) and a channel mean: the e4m3 rounding errors of the
+    zeros (all -nu / vs) are alike, so their mean does not average away; the kernel subtracts it. Its error
+    against float64 stays well below that of the same quantization without the correction (~0.55x at
+    1536 keys in emulation)."""
+    B, H, NQ, NK, D = 1, 2, 32, 1536, 64
+    q = (2 * torch.randn(B, H, NQ, D)).to(torch.bfloat16).to(DEVICE)
+    k = (torch.randn(B, H, NK, D) + 4 * torch.randn(1, H, 1, D)).to(torch.bfloat16).to(DEVICE)
+    v = torch.relu(torch.randn(B, H, NK, D)).to(torch.bfloat16).to(DEVICE)
+    out = attention(q, k, v, pv="fp8")
+    exact, _ = attention_ref(q, k, v, quantize=False)
+    emu, _ = attention_ref(q, k, v, pv="fp8", block_n=block_n(D, "fp8"))
+    vf = v.double()
+    nu = vf.mean(2, keepdim=True)
+    vs = (vf.abs().amax(2, keepdim=True) + nu.abs()) / 448
+    vc = ((vf - nu) / vs).clamp(-448, 448)
+    uncorrected = emu + vs * (_e4m3(vc) - vc).mean(2, keepdim=True)
+    rel = lambda a: ((a.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert rel(out) < 0.75 * rel(uncorrected), f"seed {fresh_seed}: {rel(out):.5f} vs {rel(uncorrected):.5f}"
+    assert metrics(out, exact)[0] >= GOALS["fp8"][0] and metrics(out, emu)[0] >= 0.9999, f"seed {fresh_seed}"
+
+
+def test_bench_table_sage_columns():
+    """`ditq bench attention`'s table: ditq / SageAttention ratios appear when SageAttention was timed."""
+    from ditq.bench.attention import _table
+
+    row = {"shape": [1, 2, 64, 64], "causal": False, "tflops": {"sdpa-cudnn": 100.0, "ditq-fp8": 130.0},
+           "accuracy": {"ditq-fp8": {"cos": 0.9991}}, "vs_cudnn": {"ditq-fp8": 1.3, "sdpa-cudnn": 1.0}}
+    plain = _table([dict(row, vs_sageattention={})])
+    assert "Sage" not in plain and "| 1.30x | - |" in plain
+    row["tflops"]["sageattention"] = 80.0
+    with_sage = _table([dict(row, vs_sageattention={"ditq-fp8": 1.625})]).splitlines()
+    assert with_sage[0].endswith("ditq-fp8 / Sage | ditq-bf16 / Sage |")
+    assert with_sage[2].endswith("| 1.30x | - | 1.62x | - |") and "130 (cos 0.99910)" in with_sage[2]

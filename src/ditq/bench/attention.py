@@ -1,6 +1,7 @@
 """`ditq bench attention`: accuracy first (cosine, relative L1, RMSE against FP32 attention on inputs whose
 K carries a per-channel bias, as real DiT keys do), then TFLOP/s of SDPA's flash, cuDNN and
-memory-efficient backends, SageAttention when importable, and ditq (pv="fp8" and "bf16"), all in one run.
+memory-efficient backends, SageAttention when importable (its ``sageattn`` with smooth_k=True, on a copy of
+K since it smooths K in place), and ditq (pv="fp8" and "bf16"), all in one run.
 TFLOP/s are counted as 4 * B * H * N^2 * D (half of it when causal). ``--tune`` also sweeps kernel
 configs (tile shapes, warps, stages) at a few shapes and reports the fastest per head dim and pv mode."""
 
@@ -15,6 +16,8 @@ import sys
 import torch
 
 from ..errors import DitqError
+
+MUTATES_K = {"sageattention"}  # variants that modify K in place: timed on a copy
 
 # (B, H, N, D, causal)
 SHAPES = [
@@ -97,7 +100,9 @@ def _variants(configs=None):
     try:
         from sageattention import sageattn
 
-        v["sageattention"] = lambda q, k, vv, c: sageattn(q, k, vv, tensor_layout="HND", is_causal=c)
+        # its recommended call for HND bf16 (v is cast to fp16 inside); run_shape hands it its own copy of
+        # K, because sageattn smooths K by subtracting the mean in place
+        v["sageattention"] = lambda q, k, vv, c: sageattn(q, k, vv, tensor_layout="HND", is_causal=c, smooth_k=True)
     except ImportError:
         pass
     for pv in ("fp8", "bf16"):
@@ -129,20 +134,22 @@ def run_shape(shape, variants, rep, log, configs=None):
     row = {"shape": [B, H, N, D], "causal": causal, "ms": {}, "tflops": {}, "accuracy": {}, "errors": {}}
     ref = _reference(q, k, v, causal)
     for name, fn in variants.items():
+        kk = k.clone() if name in MUTATES_K else k
         try:
-            out = fn(q, k, v, causal)
+            out = fn(q, kk, v, causal)
             torch.cuda.synchronize()
             if not torch.isfinite(out).all():
                 raise DitqError(f"{name}: non-finite output")
             row["accuracy"][name] = accuracy(out, ref)
             del out
-            ms = _bench(lambda: fn(q, k, v, causal), rep)
+            ms = _bench(lambda: fn(q, kk, v, causal), rep)
         except Exception as e:  # a backend that cannot run this shape is reported, not fatal
             row["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log(f"  {name}: {row['errors'][name]}")
             continue
         row["ms"][name] = ms
         row["tflops"][name] = flops / ms / 1e9
+        del kk
     base = row["ms"].get("sdpa-cudnn")
     row["vs_cudnn"] = {n: base / t for n, t in row["ms"].items()} if base else {}
     sage = row["ms"].get("sageattention")
@@ -236,8 +243,13 @@ def _table(rows) -> str:
     names = []
     for r in rows:
         names += [n for n in r["tflops"] if n not in names]
-    lines = ["| shape (B, H, N, D) | " + " | ".join(names) + " | ditq-fp8 / cuDNN | ditq-bf16 / cuDNN |"]
-    lines.append("| --- " * (len(names) + 3) + "|")
+    sage = any(r.get("vs_sageattention") for r in rows)
+    ratio_cols = [("vs_cudnn", "ditq-fp8", "cuDNN"), ("vs_cudnn", "ditq-bf16", "cuDNN")]
+    if sage:
+        ratio_cols += [("vs_sageattention", "ditq-fp8", "Sage"), ("vs_sageattention", "ditq-bf16", "Sage")]
+    heads = [f"{n} / {b}" for _, n, b in ratio_cols]
+    lines = ["| shape (B, H, N, D) | " + " | ".join(names + heads) + " |"]
+    lines.append("| --- " * (len(names) + len(heads) + 1) + "|")
     for r in rows:
         shape = "(" + ", ".join(map(str, r["shape"])) + ")" + (" causal" if r["causal"] else "")
         cells = []
@@ -247,7 +259,7 @@ def _table(rows) -> str:
                 cells.append(f"{r['tflops'][n]:.0f}" + (f" (cos {acc['cos']:.5f})" if acc else ""))
             else:
                 cells.append("-")
-        ratios = [f"{r['vs_cudnn'][n]:.2f}x" if n in r["vs_cudnn"] else "-" for n in ("ditq-fp8", "ditq-bf16")]
+        ratios = [f"{r[key][n]:.2f}x" if n in r.get(key, {}) else "-" for key, n, _ in ratio_cols]
         lines.append(f"| {shape} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 

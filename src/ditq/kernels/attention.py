@@ -9,13 +9,15 @@ Math (one query row i, keys j; ``c`` = sm_scale * log2(e)):
     p_ij   = exp2(s_ij - m_i) (online softmax, FP32), times 448 for the FP8 P.V
     v_j    ~ nu + vs * v8_j    (pv="fp8": V centred per channel, e4m3 with one scale per channel,
                                 stored transposed [D, N] so that the FP8 product's operand is K-major)
-    out_i  = sum_j p_ij v_j / sum_j p_ij
+    out_i  = sum_j p_ij v_j / sum_j p_ij  - eb  (pv="fp8": eb = mean_j (vs * v8_j - (v_j - nu)), the mean
+                                rounding error of V per channel; see _kv_quant_kernel)
     lse_i  = ln2 * (m_i + log2(l_i)) + sm_scale * q_i . mu       (natural log, exact K un-smoothing)
 
 Layouts: the caller's Q / K / V / Out are 4-D with the head dim contiguous and any strides on the
 other three axes ("HND" [B, H, N, D] or "NHD" [B, N, H, D]); the kernels take the strides. Work
 buffers (all contiguous, G = B * H_kv, NP = key count padded to BLOCK_N, DP = D padded to a power of 2):
-    stats  f32 [G, 3, DP]   sum_j k, sum_j v, max_j |v|                (atomics of the stats pass)
+    stats  f32 [G, 4, DP]   sum_j k, sum_j v, max_j |v|                (atomics of the stats pass)
+                            sum_j (v8_j - (v_j - nu) / vs)             (atomics of the quant pass)
     kq     int8 [G, NP, DP]   ks f32 [G, NP / BLOCK_N]                  (pad rows and columns are 0)
     vt     e4m3 [G, DP, NP]                                             (pv="fp8" only)
     lse    f32 [B, H, NQ]
@@ -76,36 +78,40 @@ def _kv_stats_kernel(
     N, HK, CHUNK,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     D: tl.constexpr, DP: tl.constexpr, TILE: tl.constexpr,
-    DO_K: tl.constexpr, DO_V: tl.constexpr,
+    DO_K: tl.constexpr, DO_V: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Program (g, s) sums K and V over tokens [s * CHUNK, (s + 1) * CHUNK) of head g and takes max |V|,
-    then adds its partials into Stats with one set of atomics (Stats starts as zeros)."""
+    then adds its partials into Stats with one set of atomics (Stats starts as zeros). The partials stay
+    [TILE, DP] tiles in registers until the end: a reduction over rows inside the loop would cost a
+    shared-memory round trip and a barrier per tile, and keep the loads of successive tiles from
+    overlapping (the loop's loads are software-pipelined, STAGES deep)."""
     g = tl.program_id(0)
     b = g // HK
     h = g % HK
     cols = tl.arange(0, DP)
     cmask = cols < D
     start = tl.program_id(1) * CHUNK
-    ksum = tl.zeros([DP], tl.float32)
-    vsum = tl.zeros([DP], tl.float32)
-    vabs = tl.zeros([DP], tl.float32)
+    ksum = tl.zeros([TILE, DP], tl.float32)
+    vsum = tl.zeros([TILE, DP], tl.float32)
+    vabs = tl.zeros([TILE, DP], tl.float32)
     kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + cols[None, :]
     vbase = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + cols[None, :]
-    for t in range(start, tl.minimum(start + CHUNK, N), TILE):
+    for t in tl.range(start, tl.minimum(start + CHUNK, N), TILE, num_stages=STAGES):
         rows = t + tl.arange(0, TILE)
         mask = (rows < N)[:, None] & cmask[None, :]
         if DO_K:
-            ksum += tl.sum(tl.load(kbase + rows[:, None].to(tl.int64) * s_kn, mask=mask, other=0.0).to(tl.float32), 0)
+            ksum += tl.load(kbase + rows[:, None].to(tl.int64) * s_kn, mask=mask, other=0.0).to(tl.float32)
         if DO_V:
             v = tl.load(vbase + rows[:, None].to(tl.int64) * s_vn, mask=mask, other=0.0).to(tl.float32)
-            vsum += tl.sum(v, 0)
-            vabs = tl.maximum(vabs, tl.max(tl.abs(v), 0))
-    base = Stats + g.to(tl.int64) * 3 * DP
+            vsum += v
+            vabs = tl.maximum(vabs, tl.abs(v))
+    base = Stats + g.to(tl.int64) * 4 * DP
     if DO_K:
-        tl.atomic_add(base + cols, ksum, mask=cmask)
+        tl.atomic_add(base + cols, tl.sum(ksum, 0), mask=cmask)
     if DO_V:
-        tl.atomic_add(base + DP + cols, vsum, mask=cmask)
-        tl.atomic_max(base + 2 * DP + cols, vabs, mask=cmask)  # >= 0, so the zeros it starts from are neutral
+        tl.atomic_add(base + DP + cols, tl.sum(vsum, 0), mask=cmask)
+        # >= 0, so the zeros it starts from are neutral
+        tl.atomic_max(base + 2 * DP + cols, tl.max(vabs, 0), mask=cmask)
 
 
 @triton.jit
@@ -115,6 +121,12 @@ def _v_scale(st, cols, cmask, N, DP: tl.constexpr):
     nu = tl.load(st + DP + cols, mask=cmask, other=0.0) / N
     vabs = tl.load(st + 2 * DP + cols, mask=cmask, other=0.0)
     return nu, tl.maximum(vabs + tl.abs(nu), AMAX_EPS) / 448.0
+
+
+@triton.jit
+def _v_shift(st, cols, cmask, nu, vs, N, DP: tl.constexpr):
+    """What the epilogue adds back per channel: nu minus the mean rounding error of V's e4m3 copy."""
+    return nu - vs * (tl.load(st + 3 * DP + cols, mask=cmask, other=0.0) / N)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,22 +140,42 @@ def _kv_quant_kernel(
     N, NP, HK,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
-    SMOOTH_K: tl.constexpr, DO_V: tl.constexpr, EXACT_CVT: tl.constexpr,
+    SMOOTH_K: tl.constexpr, DO_V: tl.constexpr, EXACT_CVT: tl.constexpr, REVERSE: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
 ):
-    g = tl.program_id(0)
+    """Program (g, nb) quantizes key block nb of head g: K, then V for pv="fp8". SPLIT_KV: programs
+    (2 g, nb) and (2 g + 1, nb) take K and V apart, so one tile is live per program, not two."""
     nb = tl.program_id(1)
+    if REVERSE:
+        # last blocks first: the stats pass read them last, so they are the ones still in L2
+        nb = tl.num_programs(1) - 1 - nb
+    if SPLIT_KV:
+        g = tl.program_id(0) // 2
+        if tl.program_id(0) % 2 == 0:
+            _quant_k_block(K, Stats, KQ, KS, g, nb, N, NP, HK, s_kb, s_kh, s_kn, D, DP, BLOCK_N, SMOOTH_K)
+        else:
+            _quant_v_block(V, Stats, VT, g, nb, N, NP, HK, s_vb, s_vh, s_vn, D, DP, BLOCK_N, EXACT_CVT)
+    else:
+        g = tl.program_id(0)
+        _quant_k_block(K, Stats, KQ, KS, g, nb, N, NP, HK, s_kb, s_kh, s_kn, D, DP, BLOCK_N, SMOOTH_K)
+        if DO_V:
+            _quant_v_block(V, Stats, VT, g, nb, N, NP, HK, s_vb, s_vh, s_vn, D, DP, BLOCK_N, EXACT_CVT)
+
+
+@triton.jit
+def _quant_k_block(K, Stats, KQ, KS, g, nb, N, NP, HK, s_kb, s_kh, s_kn,
+                   D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH_K: tl.constexpr):
+    """K block nb of head g: minus the token mean, int8 with one scale for the block (pad rows 0)."""
     b = g // HK
     h = g % HK
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, DP)
     cmask = cols < D
     mask = (rows < N)[:, None] & cmask[None, :]
-    st = Stats + g.to(tl.int64) * 3 * DP
-
     kp = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + rows[:, None].to(tl.int64) * s_kn + cols[None, :]
     k = tl.load(kp, mask=mask, other=0.0).to(tl.float32)
     if SMOOTH_K:
-        mu = tl.load(st + cols, mask=cmask, other=0.0) / N
+        mu = tl.load(Stats + g.to(tl.int64) * 4 * DP + cols, mask=cmask, other=0.0) / N
         k = tl.where(mask, k - mu[None, :], 0.0)  # pad rows stay 0, not -mu
     ks = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), AMAX_EPS) / 127.0
     kq = tl.minimum(tl.maximum(_round(k * (1.0 / ks)), -127.0), 127.0)
@@ -151,15 +183,32 @@ def _kv_quant_kernel(
     tl.store(out, kq.to(tl.int8))
     tl.store(KS + g.to(tl.int64) * (NP // BLOCK_N) + nb, ks)
 
-    if DO_V:
-        vp = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + rows[:, None].to(tl.int64) * s_vn + cols[None, :]
-        v = tl.load(vp, mask=mask, other=0.0).to(tl.float32)
-        nu, vs = _v_scale(st, cols, cmask, N, DP)
-        v8 = tl.where(mask, (v - nu[None, :]) * (1.0 / vs)[None, :], 0.0)
-        v8 = _to_e4m3(tl.minimum(tl.maximum(v8, -448.0), 448.0), EXACT_CVT)
-        # transposed store: the token axis becomes the contiguous one
-        vt = VT + g.to(tl.int64) * DP * NP + cols[None, :].to(tl.int64) * NP + rows[:, None]
-        tl.store(vt, v8)
+
+@triton.jit
+def _quant_v_block(V, Stats, VT, g, nb, N, NP, HK, s_vb, s_vh, s_vn,
+                   D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, EXACT_CVT: tl.constexpr):
+    """V block nb of head g: centred, e4m3 with one scale per channel, stored transposed. Also sums, per
+    channel, the rounding error of the e4m3 copy into Stats row 3, because that mean is not noise that
+    averages away: centring by a nu that is not on V's grid makes the errors of the many near-zero bf16
+    values alike, so the mean error keeps a systematic part, which the softmax average passes on whole
+    while the output itself shrinks as 1/sqrt(N) (emulated at N = 32760: cosine 0.99898 -> 0.99941 once
+    the epilogue subtracts it)."""
+    b = g // HK
+    h = g % HK
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, DP)
+    cmask = cols < D
+    mask = (rows < N)[:, None] & cmask[None, :]
+    st = Stats + g.to(tl.int64) * 4 * DP
+    vp = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + rows[:, None].to(tl.int64) * s_vn + cols[None, :]
+    v = tl.load(vp, mask=mask, other=0.0).to(tl.float32)
+    nu, vs = _v_scale(st, cols, cmask, N, DP)
+    vc = tl.minimum(tl.maximum(tl.where(mask, (v - nu[None, :]) * (1.0 / vs)[None, :], 0.0), -448.0), 448.0)
+    v8 = _to_e4m3(vc, EXACT_CVT)
+    # transposed store: the token axis becomes the contiguous one
+    vt = VT + g.to(tl.int64) * DP * NP + cols[None, :].to(tl.int64) * NP + rows[:, None]
+    tl.store(vt, v8)
+    tl.atomic_add(st + 3 * DP + cols, tl.sum(v8.to(tl.float32) - vc, 0), mask=cmask)
 
 
 POISON = False
@@ -188,37 +237,66 @@ def _num_sms(dev) -> int:
     return _SMS[dev]
 
 
+# Pre-pass launch settings (bench/attention_gpu.py times the alternatives): stats tiles of
+# stats_elems / DP rows (32 elements per thread and partial at 4 warps), loads pipelined stats_stages deep;
+# the quant pass gives K and V blocks to separate programs (quant_split) of quant_warps[DP] warps (split, 8
+# warps at DP=128 need 128 registers, so two programs share an SM; K and V in one program of 4 warps need
+# 255) and takes the key blocks last-first (quant_reverse).
+PREPASS = {"stats_elems": 4096, "stats_warps": 4, "stats_stages": 3, "quant_warps": {64: 4, 128: 8, 256: 8},
+           "quant_reverse": True, "quant_split": True}
+
+
 def kv_prepass(k, v, block_n, smooth_k, pv_fp8):
     """Quantize K (and V for pv="fp8") for ``attention_fwd``.
 
     k, v: [B, H_kv, N, D] views (any strides, head dim contiguous), bf16 / fp16.
-    Returns (stats f32 [G, 3, DP] (sum k, sum v, max |v|), kq int8 [G, NP, DP], ks f32 [G, NP/block_n], vt e4m3 [G, DP, NP] | None).
+    Returns (stats f32 [G, 4, DP] (sum k, sum v, max |v|, sum of V's e4m3 rounding error in scale units),
+    kq int8 [G, NP, DP], ks f32 [G, NP/block_n], vt e4m3 [G, DP, NP] | None).
     """
+    stats = kv_stats(k, v, smooth_k, pv_fp8)
+    return (stats,) + kv_quant(k, v, stats, block_n, smooth_k, pv_fp8)
+
+
+def kv_stats(k, v, smooth_k, pv_fp8):
+    """Pre-pass 1 (a memset and one launch): stats f32 [G, 4, DP], rows 0-2 filled, row 3 zero."""
     B, HK, N, D = k.shape
     DP = padded_head_dim(D)
     G = B * HK
-    NP = triton.cdiv(N, block_n) * block_n
     dev = k.device
-    stats = torch.zeros((G, 3, DP), device=dev, dtype=torch.float32)
+    cfg = PREPASS
+    stats = torch.zeros((G, 4, DP), device=dev, dtype=torch.float32)
     if smooth_k or pv_fp8:
-        tile = 64 if DP <= 128 else 32
-        # about four programs per SM, each looping over a chunk of tokens: few atomics, full occupancy
+        tile = max(16, cfg["stats_elems"] // DP)
+        # about four programs per SM, each looping over a chunk of at least 4 tiles: few atomics, full occupancy
         splits = max(1, min(triton.cdiv(N, 4 * tile), triton.cdiv(4 * _num_sms(dev), G)))
         chunk = triton.cdiv(triton.cdiv(N, splits), tile) * tile
         _kv_stats_kernel[(G, triton.cdiv(N, chunk))](
             k, v, stats, N, HK, chunk,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            D=D, DP=DP, TILE=tile, DO_K=smooth_k, DO_V=pv_fp8, num_warps=4,
+            D=D, DP=DP, TILE=tile, DO_K=smooth_k, DO_V=pv_fp8, STAGES=1 if INTERPRET else cfg["stats_stages"],
+            num_warps=cfg["stats_warps"],
         )
+    return stats
+
+
+def kv_quant(k, v, stats, block_n, smooth_k, pv_fp8):
+    """Pre-pass 2 (one launch): returns (kq, ks, vt | None) as ``kv_prepass``; adds row 3 of ``stats``."""
+    B, HK, N, D = k.shape
+    DP = padded_head_dim(D)
+    G = B * HK
+    NP = triton.cdiv(N, block_n) * block_n
+    dev = k.device
     kq = _empty((G, NP, DP), dev, torch.int8)
     ks = _empty((G, NP // block_n), dev, torch.float32)
     vt = _empty((G, DP, NP), dev, torch.float8_e4m3fn) if pv_fp8 else None
-    _kv_quant_kernel[(G, NP // block_n)](
+    split = bool(PREPASS["quant_split"]) and pv_fp8
+    _kv_quant_kernel[(G * (2 if split else 1), NP // block_n)](
         k, v, stats, kq, ks, vt if pv_fp8 else kq, N, NP, HK,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        D=D, DP=DP, BLOCK_N=block_n, SMOOTH_K=smooth_k, DO_V=pv_fp8, EXACT_CVT=INTERPRET, num_warps=4,
+        D=D, DP=DP, BLOCK_N=block_n, SMOOTH_K=smooth_k, DO_V=pv_fp8, EXACT_CVT=INTERPRET,
+        REVERSE=PREPASS["quant_reverse"], SPLIT_KV=split, num_warps=PREPASS["quant_warps"].get(DP, 4),
     )
-    return stats, kq, ks, vt
+    return kq, ks, vt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,7 +414,7 @@ def _attn_fwd_kernel(
     qs = tl.maximum(tl.max(tl.abs(q), 1), AMAX_EPS) / 127.0
     qi = tl.minimum(tl.maximum(_round(q * (1.0 / qs)[:, None]), -127.0), 127.0).to(tl.int8)
     c_row = qs * qk_scale
-    st = Stats + g.to(tl.int64) * 3 * DP
+    st = Stats + g.to(tl.int64) * 4 * DP
     # lse's un-smoothing term now, so the f32 Q tile is dead before the loop (it would cost 64 registers)
     if SMOOTH_K:
         mu = tl.load(st + cols, mask=cmask, other=0.0) / NK
@@ -389,7 +467,7 @@ def _attn_fwd_kernel(
     out = acc * inv_l[:, None]
     if PV_FP8:
         nu, vs = _v_scale(st, cols, cmask, NK, DP)
-        out = out * vs[None, :] + tl.where(empty[:, None], 0.0, nu[None, :])
+        out = out * vs[None, :] + tl.where(empty[:, None], 0.0, _v_shift(st, cols, cmask, nu, vs, NK, DP)[None, :])
         off = 8.807354922057604
     else:
         off = 0.0
