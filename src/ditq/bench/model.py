@@ -437,10 +437,10 @@ def add_arguments(p) -> None:
     p.add_argument("--formats", default="int8-row,fp8-row,int8-block",
                    help="comma-separated formats to run eagerly; '<format>+mod' also quantizes the adaLN modulation linears")
     p.add_argument("--compile", default="regional", choices=("regional", "full", "none"), help="how to compile (default regional)")
-    p.add_argument("--compile-formats", default="best", help="formats to also run compiled: comma list, 'best' or 'none'")
+    p.add_argument("--compile-formats", default="best", help="formats to also run compiled: comma list ('<format>@op': activation quantization inside ditq's op), 'best' or 'none'")
     p.add_argument("--compile-archs", default=None, help="archs to compile (default: all of --arch)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile modes, comma list: default, reduce-overhead (CUDA graphs), ...")
     p.add_argument("--reps", type=int, default=0, help="timed calls per variant (default: 10 for images, 3 for video)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -563,29 +563,37 @@ def _run_arch(run: _Run, name: str) -> None:
             ok = [r for r in results if r["mode"] == "eager" and r["variant"] != "bf16" and "error" not in r]
             cf = min(ok, key=lambda r: r["median_ms"])["variant"] if ok else "none"
         compiled = ["bf16"] + [f for f in cf.split(",") if f and f != "none"]
-        for variant in compiled:
-            if run.out_of_time():
-                print(f"  time limit: skipping compiled {variant}")
-                break
-            torch._dynamo.reset()
-            ctx = contextlib.nullcontext(None) if variant == "bf16" else quantized(model, variant)
-            undo = None
-            try:
-                with ctx as report:
-                    undo = compile_model(model, args.compile, args.backend, mode=args.compile_mode)
-                    t = time.perf_counter()
-                    call()
-                    _sync(dev)
-                    first = time.perf_counter() - t
-                    r, y = measure(variant, f"compiled-{args.compile}", report, first)
-                    finish(r, y)
-                    print(f"             first compiled call {first:.1f} s", flush=True)
-            except Exception as e:
-                results.append({"variant": variant, "mode": f"compiled-{args.compile}", "error": f"{type(e).__name__}: {str(e)[:2000]}"})
-                print(f"  {variant} compiled FAILED: {type(e).__name__}: {str(e)[:500]}", flush=True)
-            finally:
-                if undo:
-                    undo()
+        from .. import tensor as _tensor
+
+        for cmode in (args.compile_mode or "default").split(","):
+            label = f"compiled-{args.compile}" + ("" if cmode == "default" else f"-{cmode}")
+            for variant in compiled:
+                if run.out_of_time():
+                    print(f"  time limit: skipping compiled {variant}")
+                    break
+                torch._dynamo.reset()
+                # "<format>@op": activation quantization inside ditq's linear op instead of traced torch ops
+                fmt, _, aq = variant.partition("@")
+                ctx = contextlib.nullcontext(None) if variant == "bf16" else quantized(model, fmt)
+                undo, before = None, _tensor.COMPILE_ACT_QUANT
+                _tensor.COMPILE_ACT_QUANT = aq or "inductor"
+                try:
+                    with ctx as report:
+                        undo = compile_model(model, args.compile, args.backend, mode=None if cmode == "default" else cmode)
+                        t = time.perf_counter()
+                        call()
+                        _sync(dev)
+                        first = time.perf_counter() - t
+                        r, y = measure(variant, label, report, first)
+                        finish(r, y)
+                        print(f"             {label}: first compiled call {first:.1f} s", flush=True)
+                except Exception as e:
+                    results.append({"variant": variant, "mode": label, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+                    print(f"  {variant} {label} FAILED: {type(e).__name__}: {str(e)[:500]}", flush=True)
+                finally:
+                    _tensor.COMPILE_ACT_QUANT = before
+                    if undo:
+                        undo()
         for r in results:
             if r["mode"].startswith("compiled") and "error" not in r:
                 cb = next((b for b in results if b["variant"] == "bf16" and b["mode"] == r["mode"] and "error" not in b), None)
