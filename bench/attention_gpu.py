@@ -91,6 +91,22 @@ def prepass_grid(rep):
     return rows
 
 
+def tail_probe(rep):
+    """Attention kernel time per head at N=4608, D=128 for H = 22 (1584 programs of BLOCK_M=64: 6.0 waves
+    of 2 x 132) and 24 (1728: 6.55 waves): how much the partial last wave costs."""
+    rows = []
+    for H in (22, 24):
+        q, k, v = make_inputs(1, H, 4608, 128, DEV)
+        cfg = K.pick_config(128, True, False)
+        full = lambda: K.attention_fwd(q, k, v, sm_scale=128 ** -0.5, pv_fp8=True, smooth_k=True,  # noqa: E731
+                                       key_padding_mask=None, window=None, config=cfg)
+        t = _bench(full, rep)
+        p = _bench(lambda: K.kv_prepass(k, v, cfg[1], True, True), rep)
+        rows.append({"H": H, "total_ms": t, "prepass_ms": p, "kernel_ms_per_head": (t - p) / H})
+        log(json.dumps(rows[-1]))
+    return rows
+
+
 def shapes_run(rep):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -161,6 +177,7 @@ def _dry():
 
     DEV, _bench = "cpu", bench
     PRE_SHAPES = [(1, 2, 300, 64)]
+    globals()["tail_probe"] = lambda rep: []
     STATS_VARIANTS = STATS_VARIANTS[:2]
     SHAPES = [(1, 2, 200, 64, False), (1, 1, 130, 64, True)]
     BA._reference = lambda q, k, v, c: __import__("ditq.attn", fromlist=["x"]).attention_ref(
@@ -185,6 +202,7 @@ def main():
     log(res)
     if not args.skip_grid:
         res["prepass"] = prepass_grid(args.rep)
+        res["tail"] = tail_probe(args.rep)
     res["shapes"] = shapes_run(args.rep)
     if args.json:
         with open(args.json, "w") as f:
