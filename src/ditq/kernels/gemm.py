@@ -16,6 +16,7 @@ w_scale f32 [] / [N, 1] / [N/128, K/128], bias [N] any float dtype, y [M, N] in 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,14 @@ from ..errors import ShapeError
 from . import INTERPRET
 from . import quant as _quant
 from .quant import cast_rne
+
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover
+
+    class OutOfResources(Exception):
+        pass
+
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (TMA support in this triton)
@@ -130,19 +139,25 @@ def _block_scaled_step(acc, a, b, xs_row, ws_row, kb, stride_xsk, stride_wsk,
 
 @triton.jit
 def _lora_dot(y, rm, rn, M, N, xa_ptr, lb_ptr, stride_xam, stride_lbn,
-              LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_F32: tl.constexpr):  # fmt: skip
+              LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_CHUNK: tl.constexpr, LORA_F32: tl.constexpr):  # fmt: skip
     """y [BLOCK_M, BLOCK_N] fp32 + xa[rm, :] @ lb[rn, :]^T: the LoRA up-projection of this output tile, its
     factors folded into lb. xa [M, LORA_RANK], lb [N, LORA_RANK] (16-bit, unit column stride); LORA_R is
     LORA_RANK rounded up to a power of two >= 16 (tl.arange / tl.dot sizes), the padding masked to zero.
-    Accumulates into y itself, so no second fp32 tile is live. LORA_F32: fp32 operands (fp32 models, and the
-    interpreter, whose bf16 dot is wrong in triton 3.6)."""
-    rr = tl.arange(0, LORA_R)
-    r_ok = (rr < LORA_RANK)[None, :]
-    xa = tl.load(xa_ptr + (rm % M)[:, None].to(tl.int64) * stride_xam + rr[None, :], mask=r_ok, other=0.0)
-    lb = tl.load(lb_ptr + (rn % N)[:, None].to(tl.int64) * stride_lbn + rr[None, :], mask=r_ok, other=0.0)
-    if LORA_F32:
-        return tl.dot(xa.to(tl.float32), tl.trans(lb.to(tl.float32)), y, input_precision="ieee")
-    return tl.dot(xa, tl.trans(lb), y)
+    Accumulates into y itself, so no second fp32 tile is live; LORA_CHUNK columns of r at a time, so the
+    operands' shared memory next to the main loop's stage buffers stays small. LORA_F32: fp32 operands (fp32
+    models, and the interpreter, whose bf16 dot is wrong in triton 3.6)."""
+    xa_rows = xa_ptr + (rm % M)[:, None].to(tl.int64) * stride_xam
+    lb_rows = lb_ptr + (rn % N)[:, None].to(tl.int64) * stride_lbn
+    for r0 in tl.static_range(0, LORA_R, LORA_CHUNK):
+        rr = r0 + tl.arange(0, LORA_CHUNK)
+        r_ok = (rr < LORA_RANK)[None, :]
+        xa = tl.load(xa_rows + rr[None, :], mask=r_ok, other=0.0)
+        lb = tl.load(lb_rows + rr[None, :], mask=r_ok, other=0.0)
+        if LORA_F32:
+            y = tl.dot(xa.to(tl.float32), tl.trans(lb.to(tl.float32)), y, input_precision="ieee")
+        else:
+            y = tl.dot(xa, tl.trans(lb), y)
+    return y
 
 
 @triton.jit
@@ -150,7 +165,7 @@ def _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride
               xa_ptr, lb_ptr, stride_xam, stride_lbn,
               BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
               MANUAL_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_F32: tl.constexpr):  # fmt: skip
+              LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_CHUNK: tl.constexpr, LORA_F32: tl.constexpr):  # fmt: skip
     """Scales (non-block formats: x_scale[m] * w_scale[n] or scalar), the LoRA branch (LORA_RANK > 0), bias,
     cast, masked store."""
     rm = off_m + tl.arange(0, BLOCK_M)
@@ -165,7 +180,8 @@ def _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride
         else:
             y = acc.to(tl.float32) * (xs * tl.load(ws_ptr))[:, None]
     if LORA_RANK > 0:
-        y = _lora_dot(y, rm, rn, M, N, xa_ptr, lb_ptr, stride_xam, stride_lbn, LORA_RANK, LORA_R, LORA_F32)
+        y = _lora_dot(y, rm, rn, M, N, xa_ptr, lb_ptr, stride_xam, stride_lbn, LORA_RANK, LORA_R, LORA_CHUNK,
+                      LORA_F32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
@@ -179,7 +195,8 @@ def _scaled_mm_persistent_kernel(
     IS_INT: tl.constexpr, BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     MAGIC_I2F: tl.constexpr, MANUAL_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_F32: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_CHUNK: tl.constexpr,
+    LORA_F32: tl.constexpr,
 ):  # fmt: skip
     """One program per SM, looping over output tiles; the tile loop is flattened with the K loop so the
     software pipeline issues the next tile's TMA loads while this tile's epilogue runs."""
@@ -206,7 +223,7 @@ def _scaled_mm_persistent_kernel(
         off_m, off_n = _tile_coords(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
                   xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
-                  BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_F32)  # fmt: skip
+                  BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])  # M changes call to call; one compiled kernel serves every M
@@ -219,7 +236,8 @@ def _scaled_mm_kernel(
     USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, DOT2: tl.constexpr, MAGIC_I2F: tl.constexpr,
     MANUAL_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_F32: tl.constexpr,
+    LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_CHUNK: tl.constexpr,
+    LORA_F32: tl.constexpr,
 ):  # fmt: skip
     off_m, off_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = off_m + tl.arange(0, BLOCK_M)
@@ -266,7 +284,7 @@ def _scaled_mm_kernel(
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=dot_ty)
     _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
               xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
-              BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_F32)  # fmt: skip
+              BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
 
 
 _SMS: dict = {}
@@ -327,16 +345,17 @@ def check_lora(lora, m: int, n: int, fmt: F.Format) -> None:
                          f"{xa.dtype} {tuple(xa.stride())} and {lb.dtype} {tuple(lb.stride())}")  # fmt: skip
 
 
-def _lora_args(lora) -> tuple[tuple, dict, tuple | None]:
+def _lora_args(lora, c: Config) -> tuple[tuple, dict, tuple | None]:
     """(pointer and stride arguments, constexprs, specialization key) of the LoRA epilogue; lora = (xa, lb) or
     None (the plain GEMM: LORA_RANK = 0 compiles the branch out)."""
     if lora is None:
-        return (None, None, 0, 0), dict(LORA_RANK=0, LORA_R=16, LORA_F32=False), None
+        return (None, None, 0, 0), dict(LORA_RANK=0, LORA_R=16, LORA_CHUNK=16, LORA_F32=False), None
     xa, lb = lora
     r = xa.shape[1]
     sa, sb = xa.stride(0), lb.stride(0)
     key = (xa.dtype, xa.data_ptr() & 15, lb.data_ptr() & 15, sa & 15, sa == 1, sb & 15, sb == 1)
-    consts = dict(LORA_RANK=r, LORA_R=max(16, triton.next_power_of_2(r)),
+    r_pad = max(16, triton.next_power_of_2(r))
+    consts = dict(LORA_RANK=r, LORA_R=r_pad, LORA_CHUNK=lora_chunk(c, r_pad, xa.element_size()),
                   LORA_F32=INTERPRET or xa.dtype == torch.float32)  # fmt: skip
     return (xa, lb, sa, sb), consts, key
 
@@ -349,7 +368,7 @@ def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config
     n = wq.shape[0]
     if fmt.is_block and (c.block_k != F.BLOCK or F.BLOCK % c.block_n):
         raise ShapeError(f"config {c} invalid for {fmt.name}: needs block_k == 128 and block_n dividing 128")
-    (xa, lb, s_xa, s_lb), lora_c, lora_key = _lora_args(lora)
+    (xa, lb, s_xa, s_lb), lora_c, lora_key = _lora_args(lora, c)
     use_tma = c.tma and _tma_ok(xq) and _tma_ok(wq)
     if x_scale.dim() == 1:
         x_scale = x_scale[:, None]
@@ -440,8 +459,58 @@ def scaled_mm(
         from .configs import get_config
 
         config = get_config(fmt.name, m, n, k)
-    _launch(scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, config, lora))
+    if lora is None:
+        _launch(scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, config))
+        return out
+    key = (config, max(16, triton.next_power_of_2(lora_xa.shape[1])), lora_xa.element_size())
+    c = _LORA_CONFIGS.get(key)
+    if c is None:
+        c = dataclasses.replace(config, num_stages=_lora_stages_guess(config, key[1], key[2]))
+    while True:
+        try:
+            _launch(scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, c, lora))
+            break
+        except OutOfResources:  # raised when the compiled kernel is loaded, before anything runs
+            if c.num_stages <= 1:
+                raise
+            c = dataclasses.replace(c, num_stages=c.num_stages - 1)
+        except Exception:  # noqa: BLE001 -- a compiler that refuses the persistent loop with the LoRA dot
+            if not c.persistent:
+                raise
+            c = dataclasses.replace(c, persistent=False)
+    _LORA_CONFIGS[key] = c
     return out
+
+
+_LORA_CONFIGS: dict = {}
+"""The launch configuration of a LoRA GEMM per (tuned config, padded rank, operand bytes): the LoRA operands
+take shared memory next to the main loop's stage buffers (the compiler keeps both live: on an H200
+128x256x128 int8 at 4 stages with r 64 in one chunk asked for 264 KiB of the 227 available), so a launch that
+does not fit drops a stage; a persistent kernel the compiler refuses becomes the tiled one."""
+SMEM_BYTES = 232448  # Hopper's per-block opt-in limit; a GPU with less makes the launch retry with fewer stages
+
+
+def _smem_guess(c: Config, stages: int, chunk: int, esize: int) -> int:
+    """Shared memory of a LoRA launch: the 8-bit stage buffers plus 1.5x one chunk of the LoRA tiles (the
+    measured overhead of their layout conversion: 264 KiB for 128x256x128, 4 stages, r 64 in one chunk)."""
+    return stages * (c.block_m + c.block_n) * c.block_k + (c.block_m + c.block_n) * chunk * esize * 3 // 2
+
+
+def lora_chunk(c: Config, r_pad: int, esize: int) -> int:
+    """Columns of r per epilogue dot: the widest (<= 64) that keeps the config's pipeline within SMEM_BYTES."""
+    chunk = min(64, r_pad)
+    while chunk > 16 and _smem_guess(c, c.num_stages, chunk, esize) > SMEM_BYTES:
+        chunk //= 2
+    return chunk
+
+
+def _lora_stages_guess(c: Config, r_pad: int, esize: int) -> int:
+    """The deepest pipeline that fits SMEM_BYTES by the guess above; the launch loop corrects a wrong guess."""
+    chunk = lora_chunk(c, r_pad, esize)
+    stages = c.num_stages
+    while stages > 1 and _smem_guess(c, stages, chunk, esize) > SMEM_BYTES:
+        stages -= 1
+    return stages
 
 
 # ----------------------------------------------------------------------------------------------------------
