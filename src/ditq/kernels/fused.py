@@ -9,10 +9,16 @@ registers, multiplies it with the weight tile on the tensor cores and promotes t
 quantization launch and its HBM round trip (2 bytes read + 1 byte written + 1 byte read again per x element,
 plus the scales), at the price of quantizing each x tile once per N tile (ALU work, no memory traffic).
 
-Same math as ``quant.act_quant`` (same scale rounding: reciprocal of qmax on a GPU, exact division on the CPU;
-same division mode) followed by ``gemm.scaled_mm`` (same promotion order over K blocks): the quantized values
-and scales are bit-identical, and so is the result under the interpreter (tests). On a GPU the compiler may
-contract the promotion differently from the two-kernel path: results then agree to fp32 rounding.
+Same math as ``quant.act_quant`` (its own functions: scale rounding, division mode, rounding and clamp)
+followed by ``gemm.scaled_mm`` (same promotion order over K blocks): the result is bit-identical to the
+two-kernel path, under the interpreter (tests) and on an H200 (measured at four issue-3 shapes).
+
+Measured on an H200 (bench/NOTES.md, GEMM round 3): 0.3-0.6x cuBLAS bf16, about half the speed of act_quant +
+scaled_mm at every issue-3 shape, so ``ops.linear`` does not use it; ``ditq bench gemm`` times it as the column
+"<format> fused". Why: the x tile of a K block is quantized again by each of the N/BLOCK_N programs that read
+it (24-108x at DiT widths), ~500 more instructions per thread per K block (unpack, row max, shuffles, exact
+reciprocal, scale, round, pack, a pass through shared memory to the wgmma operand layout), while the
+activation-quantization kernel it replaces took only 5-20% of the linear.
 
 Layouts: x [M, K] any strides (pointer loads; K % 128 == 0), wq [N, K] row-major int8 / float8_e4m3fn (TMA when
 16-byte aligned), w_scale f32 [N/128, K/128] any strides, bias [N] any float dtype, out [M, N] ``out_dtype``.
@@ -33,7 +39,7 @@ from ..errors import ShapeError
 from . import INTERPRET
 from . import quant as _quant
 from .gemm import _promote, _tile_coords, _tma_ok, check_weight_side
-from .quant import _divide, _round_e4m3_grid, _scale_of, cast_rne
+from .quant import _divide, _scale_of, _to_storage, cast_rne
 
 
 @dataclass(frozen=True)
@@ -59,20 +65,14 @@ class FusedConfig:
 @triton.jit
 def _quant_tile(x, QMAX: tl.constexpr, RCP_QMAX: tl.constexpr, IS_INT: tl.constexpr, FP8_MANUAL: tl.constexpr,
                 EXACT_DIV: tl.constexpr):  # fmt: skip
-    """x [BLOCK_M, 128] float -> (q [BLOCK_M, 128] int8 / e4m3, scale f32 [BLOCK_M]), as act_quant computes
-    them. No clamp to +-qmax: |x| <= amax and scale is amax / qmax rounded, so |x / scale| exceeds qmax by a
-    few ulps at most and rounds to at most qmax (the clamp of act_quant never changes a finite value)."""
+    """x [BLOCK_M, 128] float -> (q [BLOCK_M, 128] int8 / e4m3, scale f32 [BLOCK_M]) by act_quant's own
+    functions. (Without the clamp to +-qmax, which never changes a finite value here, ptxas contracted
+    x * inv + 1.5 * 2^23 into one FFMA, one rounding instead of two: on an H200 12-20% of the bf16 outputs
+    then differed from the two-kernel path's in the last bit, none with the clamp.)"""
     xf = x.to(tl.float32)
     scale = _scale_of(tl.max(tl.abs(xf), axis=1), QMAX, RCP_QMAX)
     inv = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    v = _divide(xf, scale[:, None], inv[:, None], EXACT_DIV)
-    if IS_INT:
-        # the low 8 bits of (v + 1.5 * 2^23) read as an integer are round_half_even(v) in two's complement
-        q = (v + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
-    else:
-        if FP8_MANUAL:
-            v = _round_e4m3_grid(v)
-        q = v.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    q = _to_storage(_divide(xf, scale[:, None], inv[:, None], EXACT_DIV), QMAX, IS_INT, FP8_MANUAL)
     return q, scale
 
 
@@ -179,18 +179,18 @@ def fused_linear_spec(x, wq, w_scale, fmt: F.Format, bias, out, c: FusedConfig, 
 
 
 FUSED_CONFIGS = {
-    "default": FusedConfig(64, 128, 4, 3),
+    "int8-block": FusedConfig(64, 256, 8, 3),
+    "fp8-block": FusedConfig(64, 128, 4, 3, x_tma=True),
 }
-"""Configurations by M bucket (``configs.m_bucket``) or "default"; from the H200 sweep (bench/NOTES.md)."""
+"""The fastest configuration per format in the H200 sweep (bench/NOTES.md, GEMM round 3; within 3% of each other
+across shapes): int8 prefers two 128-wide halves sharing one quantized x tile, fp8 TMA loads of x."""
 
 
 def fused_config(fmt: str, m: int, n: int, k: int) -> FusedConfig:
     """The fused kernel's configuration for a block format and shape."""
     if INTERPRET:
         return FusedConfig(32, 128, 4, 1)
-    from .configs import m_bucket
-
-    return FUSED_CONFIGS.get(m_bucket(m)) or FUSED_CONFIGS["default"]
+    return FUSED_CONFIGS[fmt]
 
 
 def fused_linear(
