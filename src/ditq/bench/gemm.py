@@ -1,6 +1,7 @@
 """`ditq bench gemm`: ditq's quantized linear (activation quantization + GEMM + bias, bf16 in and out) against
 cuBLAS bf16, ``torch._int_mm`` and ``torch._scaled_mm`` (fp8 rowwise) at diffusion-transformer shapes, in one
-process. Checks correctness first (every format, every shape, against the torch reference), then times with
+process; for the block formats also the fused kernel (``kernels.fused``: activation quantization inside the GEMM,
+column "<format> fused"). Checks correctness first (every format, every shape, against the torch reference), then times with
 ``triton.testing.do_bench`` medians, prints ratios vs bf16 with geometric means, and writes JSON.
 
 ``--tune`` first searches the candidate GEMM configurations per (format, shape) and writes the winners to
@@ -294,6 +295,7 @@ def main(args) -> int:
     from triton.testing import do_bench
 
     from ..kernels import configs as CF
+    from ..kernels import fused as FU
     from ..kernels import gemm as G
     from ..kernels import ops
     from ..kernels import quant as Q
@@ -362,6 +364,12 @@ def main(args) -> int:
             if not ok:
                 failures += 1
                 print(f"FAIL {fmt} {m}x{n}x{k}: rel err vs reference {e_kernel:.2e}, vs bf16 {e_true:.2e}")
+            if f.is_block:  # the fused kernel (act quant inside the GEMM): same reference, same bound
+                e_fused = F.relative_error(FU.fused_linear(x, wq, ws, fmt, bias), y_ref)
+                row["err"][f"{fmt} fused"] = {"vs_reference": e_fused}
+                if not e_fused < 1e-2:
+                    failures += 1
+                    print(f"FAIL {fmt} fused {m}x{n}x{k}: rel err vs reference {e_fused:.2e}")
             del y_ref
         # ---- timing
         row["ms"]["bf16"] = bench(lambda: torch.nn.functional.linear(x, w, bias))
@@ -384,6 +392,8 @@ def main(args) -> int:
         for fmt in fmts:
             wq, ws = wqs[fmt]
             row["ms"][fmt] = bench(lambda: ops.linear(x, wq, ws, fmt, bias))
+            if F.get_format(fmt).is_block:
+                row["ms"][f"{fmt} fused"] = bench(lambda: FU.fused_linear(x, wq, ws, fmt, bias))
             row["graph_ms"][fmt] = _graph_ms(lambda: ops.linear(x, wq, ws, fmt, bias), bench)
             xq, xs = ops.act_quant(x, fmt)
             row["gemm_ms"][fmt] = bench(lambda: ops.scaled_mm(xq, xs, wq, ws, fmt, bias, torch.bfloat16))
@@ -449,7 +459,7 @@ def main(args) -> int:
 
     # ---- summary table
     big = [r for r in report["shapes"] if r["M"] >= 4096]
-    cols = ["torch._int_mm", "torch._scaled_mm"] + fmts
+    cols = ["torch._int_mm", "torch._scaled_mm"] + fmts + [f"{f} fused" for f in fmts if F.get_format(f).is_block]
     report["geomean_M_ge_4096"] = {c: _geomean([r["ratio"].get(c) for r in big]) for c in cols}
     report["min_M_1024"] = {c: min((r["ratio"].get(c, float("nan")) for r in report["shapes"] if r["M"] == 1024),
                                    default=float("nan")) for c in cols}  # fmt: skip
