@@ -343,7 +343,8 @@ def compare(y: torch.Tensor, ref: torch.Tensor) -> dict:
 
 # "<format>+mod": also quantize the per-block adaLN modulation linears (diffusers' `norm1.linear`,
 # `norm1_context.linear`, `norm.linear`), which the presets keep; they run on one token (the conditioning
-# vector), so they cost memory, not time.
+# vector), so they cost memory, not time. "<format>+attn": ditq's INT8 attention (ditq.enable_int8_attention,
+# pv=fp8) replaces the model's attention as well. Modifiers combine: "fp8-row+mod+attn".
 MODULATION = r"blocks\.\d+\.(norm1|norm1_context|norm)\.linear\.weight$"
 
 
@@ -353,16 +354,28 @@ def quantized(model: nn.Module, variant: str, **kw):
     aside and put back afterwards. Yields the QuantizeReport (its ``seconds``: the quantize_ wall time)."""
     from ..nn.quantize import linear_layers, quantize_
 
-    fmt, _, extra = variant.partition("+")
-    if extra == "mod":
+    fmt, *extras = variant.split("+")
+    unknown = set(extras) - {"mod", "attn"}
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown modifier(s) {sorted(unknown)}; use +mod and/or +attn")
+    if "mod" in extras:
         kw["include"] = [MODULATION]
     saved = {name: m.weight for name, m in linear_layers(model)}
+    attn = "attn" in extras
     try:
         t = time.perf_counter()
         report = quantize_(model, fmt, **kw)
         report.seconds = time.perf_counter() - t
+        if attn:  # ditq's INT8 attention (pv=fp8) in place of the model's SDPA
+            from ..nn.attention import enable_int8_attention
+
+            enable_int8_attention(model)
         yield report
     finally:
+        if attn:
+            from ..nn.attention import disable_int8_attention
+
+            disable_int8_attention(model)
         for name, m in linear_layers(model):
             m.weight = saved[name]
 
@@ -543,7 +556,9 @@ def _run_arch(run: _Run, name: str) -> None:
                 break
             try:
                 with quantized(model, fmt) as report:
-                    same = [r for r in results if r.get("quantized_layers") == len(report.quantized) and fmt.startswith(r["variant"])]
+                    plain = fmt.replace("+mod", "")
+                    same = [r for r in results if "+mod" in fmt and r.get("quantized_layers") == len(report.quantized)
+                            and r["variant"] == plain]
                     if same:  # e.g. "+mod" on a model without modulation linears: nothing new to measure
                         print(f"  {fmt}: same layers as {same[0]['variant']}, skipped")
                         continue
