@@ -64,10 +64,11 @@ def test_gemm_lora_epilogue(fmt, r, cfg, chunked, seed, poisoned, monkeypatch):
         err, err_plain = F.relative_error(y, want), F.relative_error(plain, want)
         fp8_gpu = DEV == "cuda" and fmt.startswith("fp8")  # wgmma's fp8 accumulation: test_gemm.py's 1e-3
         assert err < TOL[dtype] + (1e-3 if fp8_gpu else 0) and err_plain > 10 * err, (seed, dtype, err, err_plain)
-        # a zero branch adds exactly 0.0 to the fp32 tile: the plain GEMM's output bit for bit (fp8 on a GPU: the
-        # compiler may split the main loop's fp8 products differently, whose accumulation is not exact fp32)
+        # a zero branch adds exactly 0.0 to the fp32 tile: the plain GEMM's output bit for bit in the interpreter;
+        # on a GPU the compiler may contract scale * acc + bias into one FMA without the branch between them
+        # (seen on an H200), which changes the last bit before the cast
         zero = G.scaled_mm(xq, xs, wq, ws, fmt, bias, dtype, cfg, lora_xa=xa, lora_b=torch.zeros_like(b))
-        if fp8_gpu:
+        if DEV == "cuda":
             assert F.relative_error(zero, plain) < 2e-3, (seed, dtype)
         else:
             assert torch.equal(zero, plain), (seed, dtype)

@@ -402,9 +402,10 @@ def test_dynamic_under_torch_compile_and_autograd():
 
 @pytest.mark.parametrize("fmt", ["int8-row", "fp8-row"])
 def test_dynamic_fused_into_the_8bit_gemm(fmt, monkeypatch):
-    """On the Triton path (interpreter on CPU, fp16: its bf16 dot is wrong) a quantized row-format layer runs
-    its adapters inside the GEMM (ops.linear_lora, once per call): two adapters (r 48 with a bias, r 16)
-    against float64, the same as the unfused path, and removal restores the plain output bit for bit."""
+    """On the Triton path (interpreter on CPU, fp16: its bf16 dot is wrong) a quantized layer runs its adapters
+    through ops.linear_lora, once per call (int8-row: inside the GEMM; fp8-row: after it): two adapters (r 48
+    with a bias, r 16) against float64, the same as the unfused path, and removal restores the plain output
+    bit for bit."""
     from ditq.kernels import ops, triton_runs_on
 
     monkeypatch.setattr(ops, "triton_runs_on", triton_runs_on)

@@ -2,7 +2,7 @@
 [M, K] and writes q, its per-token scale and xa = x @ A^T [M, r], the input of the GEMM's LoRA epilogue
 (``gemm.scaled_mm(..., lora_xa, lora_b)``).
 
-Why: x @ A^T alone reads all of x (28 MB at 4608 x 3072 bf16), and cuBLAS's skinny GEMM took 15-44 us for
+Off by default (``FUSED_XA``): measured slower than act_quant + cuBLAS. Why it was tried: x @ A^T alone reads all of x (28 MB at 4608 x 3072 bf16), and cuBLAS's skinny GEMM took 15-44 us for
 it on an H200 (bench/NOTES.md), as much as the whole 15% budget of a DiT linear. The quantization reads x
 anyway; here each program takes BLOCK_M rows, sweeps K once for the row maxima and the product with A
 (A's [BLOCK_K, r] tiles come from L2, shared by all programs), then sweeps K again, backwards, to quantize
@@ -24,8 +24,10 @@ from . import INTERPRET
 from . import quant as _quant
 from .quant import _divide, _rcp, _scale_of, _to_storage, cast_rne
 
-FUSED_XA = True
-"""Compute x @ A^T in the activation-quantization kernel (else a separate cuBLAS GEMM; the benchmark compares)."""
+FUSED_XA = False
+"""Compute x @ A^T in the activation-quantization kernel instead of a separate cuBLAS GEMM. Off: on an H200 this
+kernel took 45-290 us where act_quant + cuBLAS took 32-98 us (bench/NOTES.md, LoRA round 3); kept, tested,
+for the next attempt (its A tile loads are strided gathers, the likely culprit)."""
 
 
 @triton.jit

@@ -408,11 +408,17 @@ def linear(x, wq, w_scale, fmt, bias=None, out_dtype=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # linear with a LoRA branch: y = linear(x) + (x @ lora_a^T) @ lora_b^T
 #
-# Row and tensor formats add the up-projection inside the GEMM's epilogue, on the output tile in registers
-# (bench/NOTES.md: after the GEMM it cost a read and a write of y, +14% to +146%). Block formats, few rows
-# (the weight-only kernel) and devices without Triton add it after the product. LoRA calls take the regular
-# launches, not the launch plans: at the token counts where the branch matters the GEMM takes 100+ us and
-# hides the host time (measured: bench/NOTES.md, LoRA).
+# int8-row adds the up-projection inside the GEMM's epilogue, on the output tile in registers (after the GEMM
+# it costs a read and a write of y: bench/NOTES.md, LoRA). Other formats, few rows (the weight-only kernel) and
+# devices without Triton add it after the product (``EPILOGUE_FORMATS``). Fused calls take the regular
+# launches, not the launch plans (their host time shows at N = K = 3072: NOTES).
+
+
+EPILOGUE_FORMATS = {"int8-row"}
+"""Formats whose LoRA branch runs in the GEMM's epilogue. fp8-row / fp8-tensor take the branch after the product:
+on an H200 their epilogue cost +18% to +80% of the GEMM (the persistent fp8 kernel worst), more than the
+extra pass over y (bench/NOTES.md, LoRA round 3); the epilogue itself works for them (tests) and can be
+switched on here. Block formats have no LoRA epilogue."""
 
 
 def _check_lora_weights(lora_a, lora_b, n: int, k: int) -> None:
@@ -453,8 +459,8 @@ def _linear_lora_triton(x, wq, w_scale, fmt: F.Format, lora_a, lora_b, bias, out
     m = x2.shape[0]
     out_dtype = out_dtype or x.dtype
     wo = 0 < m <= weight_only_max_m(x, fmt) and wq.is_contiguous()
-    if fmt.is_block or wo or not (m and n and k):
-        y = _linear_general(x2, wq, w_scale, fmt, bias, out_dtype, wo, kept)
+    if fmt.name not in EPILOGUE_FORMATS or wo or not (m and n and k):
+        y = _linear_triton(x2, wq, w_scale, fmt, bias, out_dtype, kept)
         y = _lora_after(y, torch.nn.functional.linear(x2.to(lora_a.dtype), lora_a), lora_b) if m and n else y
     else:
         xq, xs, xa = _act_quant_lora(x2, fmt, lora_a)
@@ -495,8 +501,8 @@ def linear_lora(x, wq, w_scale, fmt, lora_a, lora_b, bias=None, out_dtype=None) 
     """``linear`` plus a low-rank branch: y [..., N] = act_quant(x) times wq [N, K] + (x @ lora_a^T) @ lora_b^T
     + bias, in ``out_dtype`` (default x's). lora_a [r, K], lora_b [N, r]: one float dtype (the 16-bit compute
     dtype; x is cast to it for the down-projection), any r, several adapters concatenated along r with their
-    factors folded into lora_b. Row / tensor formats add the branch in the GEMM's epilogue (y written once);
-    block formats and few rows after the product. Raises ShapeError on operands that do not fit."""
+    factors folded into lora_b. ``EPILOGUE_FORMATS`` (int8-row) add the branch in the GEMM's epilogue (y
+    written once); other formats and few rows after the product. Raises ShapeError on operands that do not fit."""
     f = _fmt(fmt)
     if not triton_runs_on(x):
         k = x.shape[-1]

@@ -7,10 +7,10 @@ A LoRA adds ``scale * (alpha / r) * B @ A`` to a linear weight W [N, K], with A 
   again in the same format (the same QuantizedTensor is updated in place, so there is never a second copy
   of the model). Costs nothing at run time; cannot be undone without reloading.
 - ``mode="dynamic"``: keep A and B in the layer's compute dtype (16-bit) beside the 8-bit weight and add the
-  branch at run time, ``y = linear8(x) + f * (x @ A^T) @ B^T``: for int8-row / fp8-row / fp8-tensor
+  branch at run time, ``y = linear8(x) + f * (x @ A^T) @ B^T`` through ``ops.linear_lora``: for int8-row
   weights inside the 8-bit GEMM (``xa = x @ A^T`` first, then ``acc += xa @ B^T`` in the GEMM's epilogue,
-  so y is written once; ``ops.linear_lora``), else after it (one skinny GEMM and one ``addmm`` with beta=1,
-  in place on y). Several adapters at once (those enabled are packed into one branch), switchable
+  so y is written once), for other formats after it (one skinny GEMM and one ``addmm`` with beta=1, in
+  place on y). Several adapters at once (those enabled are packed into one branch), switchable
   (``set_lora_scale``, ``enable_lora`` / ``disable_lora``) and removable (``remove_lora``) without
   reloading. The layer gets an instance ``forward`` (a layer whose forward is already wrapped, e.g. by
   accelerate, or not nn.Linear's gets a forward hook instead), and ``torch.compile`` traces either
@@ -492,8 +492,8 @@ class _Adapter:
 
 
 FUSE = True
-"""Quantized row / tensor-format layers add the branch inside the 8-bit GEMM (``ops.linear_lora``). False:
-after it, as two cuBLAS GEMMs (the benchmark's baseline; the path block formats and gradients always take)."""
+"""Quantized layers run their branch through ``ops.linear_lora`` (int8-row: inside the 8-bit GEMM). False: the
+base forward, then two cuBLAS GEMMs (the benchmark's baseline; the path gradients and rotated weights take)."""
 
 
 class LoraSlot(nn.Module):
@@ -507,8 +507,8 @@ class LoraSlot(nn.Module):
     branch; ``packed_bias`` float32 [N], the sum of the scaled biases (None without any), is added to the
     layer's bias.
 
-    The branch: on a quantized weight of a row / tensor format (``FUSE``, no gradient needed) the layer's
-    forward is ``ops.linear_lora`` (the up-projection in the GEMM's epilogue, y written once); otherwise the
+    The branch: on an unrotated quantized weight (``FUSE``, no gradient needed) the layer's forward is
+    ``ops.linear_lora`` (int8-row: the up-projection in the GEMM's epilogue, y written once); otherwise the
     base output y plus ``(x @ A^T) @ B^T`` by cuBLAS (in place on y when no gradient is recorded)."""
 
     def __init__(self):
