@@ -66,6 +66,39 @@ def test_g256_both_kernels_and_two_pass_rows(kron, poisoned, seed):
     assert (q.int() - qr.int()).abs().max() <= 1 and (q != qr).double().mean() <= 1e-3, seed
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        R.RotConfig(4, 256, 3, 2),  # 4 tokens a program, a warp batch spans 2 tokens
+        R.RotConfig(2, 512, 2, 2),  # the last chunk half masked (2 x 512 for K = 768)
+        R.RotConfig(1, 1024, 1, 4),  # one padded chunk, one group per warp batch
+        R.RotConfig(2, 256, 0, 2),  # two passes
+        R.RotConfig(1, 256, 3, 1),
+    ],
+)
+def test_launch_shapes(cfg, poisoned, seed):
+    # every launch shape computes the same thing (the bench sweeps them on the GPU)
+    x = _act(37, 768, torch.bfloat16, "sliced")
+    q, s = R.rotate_act_quant(x, 256, config=cfg)
+    v, s64 = _ref64(x, 256)
+    assert torch.allclose(s.double(), s64, rtol=1e-6, atol=0), f"seed {seed} {cfg}: scales differ"
+    diff = (q.double() - v.round().clamp(-127, 127)).abs()
+    assert diff.max() <= 1 and (diff > 0).double().mean() <= 1e-3, f"seed {seed} {cfg}"
+
+
+@pytest.mark.parametrize("g", [16, 64, 256])
+def test_rot_config_is_valid(g):
+    # the launch shape the wrapper picks covers K and meets the kernel's shape rules, for any M and K
+    for m in (1, 3, 37, 4608):
+        for k in range(g, 20 * 1024, g * 7):
+            c = R.rot_config(m, k, g, g == 256)
+            assert c.chunk % g == 0 and c.chunk & (c.chunk - 1) == 0 and c.rows & (c.rows - 1) == 0, (m, k, c)
+            assert c.n_chunks == 0 or (c.n_chunks <= 4 and c.n_chunks * c.chunk >= k > (c.n_chunks - 1) * c.chunk)
+            assert c.n_chunks * c.chunk <= max(R._ONE_PASS_MAX, k), (m, k, c)
+            groups = c.rows * c.chunk // g  # per chunk: one batch of groups per warp (KRON), >= 16 rows per dot
+            assert (groups % c.warps == 0) if g == 256 else groups >= 16, (m, k, c)
+
+
 def test_zero_and_empty_tokens(poisoned):
     x = torch.randn(5, 256, device=DEV)
     x[2] = 0
@@ -134,3 +167,18 @@ def test_gpu_dot_modes(f32_dot, kron, seed):
         assert torch.allclose(s.double(), s64, rtol=1e-5, atol=0), (seed, dtype)
         diff = (q.double() - v.round()).abs()
         assert diff.max() <= 1 and (diff > 0).double().mean() <= 2e-3, (seed, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_plan_replays(seed):
+    """The eager rotated linear replays its launch plan (bound launches, per-call buffers): later calls with new
+    inputs of the same layout compute their own result."""
+    m, n, k = 300, 192, 3072
+    w = torch.randn(n, k, device=DEV)
+    wq, ws = F.quantize_weight_ref(F.rotate(w.double(), 256).float(), "int8-row")
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    for _ in range(3):
+        x = _act(m, k, torch.bfloat16, "sliced")
+        y = R.rotated_linear(x, wq, ws, 256, bias)
+        ref = R.rotated_linear_ref(x, wq, ws, 256, bias, torch.float64, torch.float64)
+        assert F.relative_error(y, ref) < 2e-2, seed

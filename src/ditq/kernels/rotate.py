@@ -4,17 +4,28 @@ channels of a token by H_g and quantizes the token to int8 (per-token scale), be
 
 The math is the reference's: ``quantize_activation_ref(rotate(x, g), "int8-row")`` with the rotation in fp32
 (``formats.rotate`` of ``x.float()``). H_g is the Kronecker power of H_4 over sqrt(g); the kernel multiplies by
-the +-1 matrix and then by 1/sqrt(g) (a power of two, so exact):
+the +-1 matrix and folds 1/sqrt(g) (a power of two, so exact) into the amax and the reciprocal scale.
 
-- g = 16 or 64: one ``tl.dot`` of the [tokens * K/g, g] view with the g x g sign matrix.
-- g = 256 (``KRON``): H_256 = H_16 (x) H_16, so a group seen as a 16 x 16 matrix V becomes H_16 V H_16: two
-  dots with the 16 x 16 sign matrix and a transpose in between -- 32 multiply-adds per value instead of 256.
-  ``KRON=False`` does the single 256-wide dot instead (kept for the benchmark to compare).
+- g = 256 (``KRON``): H_256 = H_16 (x) H_16, so a group seen as a 16 x 16 matrix V (V[a, b] = x[16 a + b])
+  becomes H_16 V H_16, in place. Each warp takes a batch of groups side by side, [V_0 | V_1 | ...] (16 x 16 n),
+  and multiplies it by H_16 from the left in one product (exact: x is the B operand, +-1 the A operand);
+  reading the result as [(j, a), b] is a relabeling of its registers, already the A-operand layout of the
+  second product (mma.sync m16n8k16), (H V) H. So nothing crosses warps or goes through shared memory between
+  the two, and the output stays in x's layout. 32 multiply-adds per value instead of 256 (64 with the fp32
+  split below). ``KRON=False`` does the single 256-wide dot instead (kept for the benchmark).
+- g = 16 or 64: one ``tl.dot`` of the [groups, g] view with the g x g sign matrix.
 
 The sign matrix is generated in registers (entry (i, j) of H_4^(x)n is -1 for an odd count of base-4 digit
 positions where i_d + j_d = 3), so no operand is loaded for it. Dot precision (``DOT_*`` constexprs): 0 = fp32
 ``ieee`` (the interpreter, whose bf16 dot is wrong in triton 3.6), 1 = the operand's own 16-bit dtype (exact:
-the products are +-x), 2 = an fp32 operand split into three bf16 terms (fp32-accurate on tensor cores).
+the products are +-x, accumulated in fp32), 2 = an fp32 operand split into three bf16 pieces by truncation
+(v = v1 + v2 + v3 exactly: 3 x 8 significant bits cover fp32's 24), so fp32-accurate on the tensor cores.
+
+Work split: a program holds ``ROWS`` tokens whole (``NCH`` <= 4 chunks of ``CH`` channels, unrolled, all loads
+issued first): x is read once, the rotated values stay in registers for the amax, then quantize and store.
+Rows longer than ``_ONE_PASS_MAX`` take two passes over the chunks (amax, then rotate again and quantize; the
+second read of x mostly hits L2). Quantization is one FMA per value (``v * inv + 1.5 * 2^23``: the sum rounds
+half to even at integer precision and its low byte is the int8; no clamp: |v| <= amax, so |v * inv| <= 127).
 """
 
 from __future__ import annotations
@@ -31,17 +42,18 @@ from . import INTERPRET, triton_runs_on
 from . import configs as _configs
 from . import gemm as _gemm
 from . import quant as _quant
-from .quant import _divide, _scale_of, _to_storage
+from .quant import _scale_of
 
 FMT = F.get_format("int8-row")
 GROUPS = (16, 64, 256)
 """Rotation group sizes the kernel implements (those ComfyUI writes)."""
-_MAX_TILE = 16384  # values of x held in registers by one program (the row is quantized in one pass up to this)
+_ONE_PASS_MAX = 16384  # values of one program held in registers (the token is rotated once) up to this
+_TWO_PASS_CHUNK = 4096  # chunk width of longer tokens (two passes)
 
 KRON_256 = True
-"""g = 256 as two 16-wide dots (True) or one 256-wide dot (False); the benchmark times both."""
+"""g = 256 as H_16 V H_16 (True) or one 256-wide dot (False); the benchmark times both."""
 F32_DOT = 2
-"""How fp32 operands meet the tensor cores on a GPU: 2 = three bf16 terms, 0 = fp32 ``ieee`` (FMA units)."""
+"""How fp32 operands meet the tensor cores on a GPU: 2 = three bf16 pieces, 0 = fp32 ``ieee`` (FMA units)."""
 
 
 @triton.jit
@@ -56,81 +68,201 @@ def _signs(HB: tl.constexpr, DIGITS: tl.constexpr):
 
 
 @triton.jit
-def _dot_signs(a, h, MODE: tl.constexpr):
-    """a [R, HB] @ h [HB, HB] (+-1, fp32) in fp32; MODE as in the module docstring."""
-    if MODE == 0:
-        return tl.dot(a.to(tl.float32), h, input_precision="ieee")
-    elif MODE == 1:
-        return tl.dot(a, h.to(a.dtype))
-    else:
-        hb = h.to(tl.bfloat16)
-        a = a.to(tl.float32)
-        a1 = a.to(tl.bfloat16)
-        r = a - a1.to(tl.float32)
-        a2 = r.to(tl.bfloat16)
-        a3 = (r - a2.to(tl.float32)).to(tl.bfloat16)
-        acc = tl.dot(a1, hb)
-        acc = tl.dot(a2, hb, acc)
-        return tl.dot(a3, hb, acc)
+def _split3(v):
+    """fp32 v -> bf16 v1, v2, v3 with v1 + v2 + v3 == v exactly: each piece keeps the top 16 bits of what is
+    left (truncation), so the remainders are exact and 3 x 8 significant bits cover fp32's 24."""
+    v1 = (v.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    r = v - v1
+    v2 = (r.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return v1.to(tl.bfloat16), v2.to(tl.bfloat16), (r - v2).to(tl.bfloat16)
 
 
 @triton.jit
-def _rotate_tile(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr, KRON: tl.constexpr,
-                 DOT_X: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    """x [BLOCK_M, BLOCK_K] (BLOCK_K a multiple of G) -> fp32 [BLOCK_M, BLOCK_K], every G-group times H_G."""
-    if KRON:  # G == 256 = 16 x 16
-        h = _signs(16, 2)
-        rows: tl.constexpr = BLOCK_M * BLOCK_K // 16
-        y = _dot_signs(tl.reshape(x, [rows, 16]), h, DOT_X)  # V H: over the inner index of each group
-        y = tl.reshape(tl.trans(tl.reshape(y, [rows // 16, 16, 16]), (0, 2, 1)), [rows, 16])
-        y = _dot_signs(y, h, DOT_F32)  # (H V H)^T: over the outer index
-        y = tl.reshape(tl.trans(tl.reshape(y, [rows // 16, 16, 16]), (0, 2, 1)), [BLOCK_M, BLOCK_K])
-        return y * (1.0 / 16.0)
+def _hdot(h, v, MODE: tl.constexpr, LEFT: tl.constexpr):
+    """h @ v (LEFT) or v @ h in fp32, for h a +-1 matrix (fp32) and v the data; MODE as in the module
+    docstring. 2-D or batched 3-D."""
+    if MODE == 0:
+        if LEFT:
+            return tl.dot(h, v.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(v.to(tl.float32), h, input_precision="ieee")
+    elif MODE == 1:
+        if LEFT:
+            return tl.dot(h.to(v.dtype), v)
+        else:
+            return tl.dot(v, h.to(v.dtype))
+    else:
+        hb = h.to(tl.bfloat16)
+        v1, v2, v3 = _split3(v.to(tl.float32))
+        if LEFT:
+            acc = tl.dot(hb, v1)
+            acc = tl.dot(hb, v2, acc)
+            return tl.dot(hb, v3, acc)
+        else:
+            acc = tl.dot(v1, hb)
+            acc = tl.dot(v2, hb, acc)
+            return tl.dot(v3, hb, acc)
+
+
+@triton.jit
+def _kron_groups(idx, W: tl.constexpr):
+    """Group index (within the chunk) of each row of a [W, NBW * 16] tile: warp-batch w holds groups
+    w * NBW .. w * NBW + NBW - 1, 16 rows (or columns) each."""
+    NBW: tl.constexpr = idx.shape[0] // 16
+    return tl.arange(0, W)[:, None] * NBW + (idx // 16)[None, :]
+
+
+@triton.jit
+def _chunk_in(row0, k0, ROWS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr, KRON: tl.constexpr,
+              W: tl.constexpr):  # fmt: skip
+    """Where the chunk k0.. of tokens row0.. is read from: token index and channel offsets of the tile.
+    KRON: [W, 1, NBW * 16] and [W, 16, NBW * 16], element (w, a, 16 j + b) = x[group w * NBW + j][16 a + b]
+    (the groups side by side, one batch of NBW groups per warp, so H @ tile is one product per warp).
+    Else [NB, 1] and [NB, G], a group per row."""
+    GPR: tl.constexpr = CH // G
+    if KRON:
+        n = tl.arange(0, ROWS * GPR // W * 16)
+        gi = _kron_groups(n, W)  # [W, NBW * 16]
+        m = row0 + gi // GPR
+        col = k0 + (gi % GPR) * G + n[None, :] % 16
+        return m[:, None, :], col[:, None, :] + 16 * tl.arange(0, 16)[None, :, None]
+    else:
+        gi = tl.arange(0, ROWS * GPR)
+        return (row0 + gi // GPR)[:, None], (k0 + (gi % GPR) * G)[:, None] + tl.arange(0, G)[None, :]
+
+
+@triton.jit
+def _chunk_out(row0, k0, ROWS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr, KRON: tl.constexpr,
+               W: tl.constexpr):  # fmt: skip
+    """Where the rotated tile goes: KRON: [W, NBW * 16, 1] and [W, NBW * 16, 16], element (w, 16 j + a, c) =
+    group w * NBW + j, channel 16 a + c (the layout of (H V) H per group, groups stacked). Else as _chunk_in."""
+    if KRON:
+        GPR: tl.constexpr = CH // G
+        r = tl.arange(0, ROWS * GPR // W * 16)
+        gi = _kron_groups(r, W)
+        m = row0 + gi // GPR
+        col = k0 + (gi % GPR) * G + 16 * (r[None, :] % 16)
+        return m[:, :, None], col[:, :, None] + tl.arange(0, 16)[None, None, :]
+    else:
+        return _chunk_in(row0, k0, ROWS, CH, G, KRON, W)
+
+
+@triton.jit
+def _load_chunk(x_ptr, row0, k0, M, K, stride_xm, stride_xk,
+                ROWS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr, KRON: tl.constexpr, W: tl.constexpr):  # fmt: skip
+    m, off = _chunk_in(row0, k0, ROWS, CH, G, KRON, W)
+    return tl.load(x_ptr + m.to(tl.int64) * stride_xm + off * stride_xk, mask=(m < M) & (off < K), other=0.0)
+
+
+@triton.jit
+def _rotate(x, G: tl.constexpr, KRON: tl.constexpr, DOT_X: tl.constexpr, DOT_F32: tl.constexpr):
+    """Every group of the tile times the +-1 matrix of H_G (so sqrt(G) H_G), fp32. KRON: x [W, 16, NBW * 16]
+    (_chunk_in) -> [W, NBW * 16, 16] (_chunk_out)."""
+    if KRON:
+        W: tl.constexpr = x.shape[0]
+        NBW: tl.constexpr = x.shape[2] // 16
+        h = tl.broadcast_to(_signs(16, 2)[None, :, :], [W, 16, 16])
+        z = _hdot(h, x, DOT_X, True)  # H V for all groups of a warp at once; x is the B operand (exact if 16-bit)
+        # [W, 16 (a), (j, b)] -> [W, (j, a), b]: a relabeling of registers, the layout of the A operand next
+        z = tl.reshape(tl.permute(tl.reshape(z, [W, 16, NBW, 16]), (0, 2, 1, 3)), [W, NBW * 16, 16])
+        return _hdot(h, z, DOT_F32, False)  # (H V) H
     else:
         DIGITS: tl.constexpr = 2 if G == 16 else (3 if G == 64 else 4)
-        SQRT: tl.constexpr = 4.0 if G == 16 else (8.0 if G == 64 else 16.0)
-        y = _dot_signs(tl.reshape(x, [BLOCK_M * BLOCK_K // G, G]), _signs(G, DIGITS), DOT_X)
-        return tl.reshape(y, [BLOCK_M, BLOCK_K]) * (1.0 / SQRT)
+        return _hdot(_signs(G, DIGITS), x, DOT_X, False)
+
+
+@triton.jit
+def _token_max(t, ROWS: tl.constexpr, KRON: tl.constexpr):
+    """max of a tile of values >= 0 per token: [ROWS] (groups are in chunk order in both tile layouts)."""
+    if KRON:
+        t = tl.max(tl.reshape(tl.max(t, axis=2), [t.shape[0] * t.shape[1] // 16, 16]), axis=1)
+    else:
+        t = tl.max(t, axis=1)
+    return tl.max(tl.reshape(t, [ROWS, t.shape[0] // ROWS]), axis=1)
+
+
+@triton.jit
+def _per_group(v, ROWS: tl.constexpr, NB: tl.constexpr, KRON: tl.constexpr, W: tl.constexpr):
+    """[ROWS] per token -> per group, shaped to broadcast against the rotated tile (tokens are consecutive
+    runs of NB / ROWS groups)."""
+    g = tl.reshape(tl.broadcast_to(v[:, None], [ROWS, NB // ROWS]), [NB])
+    if KRON:
+        g = tl.reshape(tl.broadcast_to(tl.reshape(g, [W, NB // W])[:, :, None], [W, NB // W, 16]), [W, NB // W * 16])
+        return g[:, :, None]
+    else:
+        return g[:, None]
+
+
+@triton.jit
+def _quant_store(q_ptr, y, row0, k0, M, K, scale, inv, INV_SQRT: tl.constexpr, EXACT_DIV: tl.constexpr,
+                 ROWS: tl.constexpr, CH: tl.constexpr, G: tl.constexpr, KRON: tl.constexpr, W: tl.constexpr):  # fmt: skip
+    """q = round(y / sqrt(G) / scale) as int8 into q [M, K] (contiguous). Rounding: adding 1.5 * 2^23 rounds
+    half to even at integer precision and leaves the integer in the low bits (its low byte is the int8)."""
+    m, off = _chunk_out(row0, k0, ROWS, CH, G, KRON, W)
+    NB: tl.constexpr = ROWS * CH // G
+    if EXACT_DIV:
+        v = tl.div_rn(y * INV_SQRT, _per_group(scale, ROWS, NB, KRON, W)) + 12582912.0
+    else:
+        v = y * _per_group(inv, ROWS, NB, KRON, W) + 12582912.0  # one FMA
+    q = v.to(tl.int32, bitcast=True).to(tl.int8)
+    tl.store(q_ptr + m.to(tl.int64) * K + off, q, mask=(m < M) & (off < K))
 
 
 @triton.jit
 def _rotate_act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk,
     RCP_QMAX: tl.constexpr, EXACT_DIV: tl.constexpr, G: tl.constexpr, KRON: tl.constexpr,
-    DOT_X: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    ONE_PASS: tl.constexpr,
+    DOT_X: tl.constexpr, DOT_F32: tl.constexpr, ROWS: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
+    W: tl.constexpr,
 ):  # fmt: skip
-    """Program i: rows i*BLOCK_M.. of x [M, K] (any strides). q [M, K] int8 contiguous = round(rot(x) / s),
-    s [M] f32 = max|rot(x) row| / 127. ONE_PASS: the row (padded to BLOCK_K >= K) stays in registers; else
-    an amax pass and a quantize pass over BLOCK_K chunks (the rotation is recomputed, x re-read from L2)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = (rm < M)[:, None]
-    rk = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-    q_rows = q_ptr + rm[:, None].to(tl.int64) * K
-    if ONE_PASS:
-        mask = m_ok & (rk < K)[None, :]
-        x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mask, other=0.0)
-        y = _rotate_tile(x, BLOCK_M, BLOCK_K, G, KRON, DOT_X, DOT_F32)  # padded groups stay 0
-        scale = _scale_of(tl.max(tl.abs(y), axis=1), 127.0, RCP_QMAX)
-        inv = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-        q = _to_storage(_divide(y, scale[:, None], inv[:, None], EXACT_DIV), 127.0, True, False)
-        tl.store(q_rows + rk[None, :], q, mask=mask)
+    """Program i: tokens i*ROWS.. of x [M, K] (any strides). q [M, K] int8 contiguous = round(rot(x) / s),
+    s [M] f32 = max|rot(x) token| / 127. NCH in 1..4: the token is NCH chunks of CH channels (the last one
+    may be partly masked), all loaded first and kept in registers (one pass). NCH = 0: two passes over
+    ceil(K / CH) chunks (amax; rotate again and quantize)."""
+    SQ: tl.constexpr = 16.0 if G == 256 else (8.0 if G == 64 else 4.0)
+    INV_SQRT: tl.constexpr = 1.0 / SQ
+    row0 = tl.program_id(0) * ROWS
+    if NCH > 0:
+        x0 = _load_chunk(x_ptr, row0, 0, M, K, stride_xm, stride_xk, ROWS, CH, G, KRON, W)
+        if NCH >= 2:
+            x1 = _load_chunk(x_ptr, row0, CH, M, K, stride_xm, stride_xk, ROWS, CH, G, KRON, W)
+        if NCH >= 3:
+            x2 = _load_chunk(x_ptr, row0, 2 * CH, M, K, stride_xm, stride_xk, ROWS, CH, G, KRON, W)
+        if NCH >= 4:
+            x3 = _load_chunk(x_ptr, row0, 3 * CH, M, K, stride_xm, stride_xk, ROWS, CH, G, KRON, W)
+        y0 = _rotate(x0, G, KRON, DOT_X, DOT_F32)
+        t = tl.abs(y0)  # elementwise running max: one reduction at the end
+        if NCH >= 2:
+            y1 = _rotate(x1, G, KRON, DOT_X, DOT_F32)
+            t = tl.maximum(t, tl.abs(y1))
+        if NCH >= 3:
+            y2 = _rotate(x2, G, KRON, DOT_X, DOT_F32)
+            t = tl.maximum(t, tl.abs(y2))
+        if NCH >= 4:
+            y3 = _rotate(x3, G, KRON, DOT_X, DOT_F32)
+            t = tl.maximum(t, tl.abs(y3))
     else:
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask = m_ok & (k0 + rk < K)[None, :]
-            x = tl.load(x_rows + (k0 + rk)[None, :] * stride_xk, mask=mask, other=0.0)
-            y = _rotate_tile(x, BLOCK_M, BLOCK_K, G, KRON, DOT_X, DOT_F32)
-            amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
-        scale = _scale_of(amax, 127.0, RCP_QMAX)
-        inv = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-        for k0 in range(0, K, BLOCK_K):
-            mask = m_ok & (k0 + rk < K)[None, :]
-            x = tl.load(x_rows + (k0 + rk)[None, :] * stride_xk, mask=mask, other=0.0)
-            y = _rotate_tile(x, BLOCK_M, BLOCK_K, G, KRON, DOT_X, DOT_F32)
-            q = _to_storage(_divide(y, scale[:, None], inv[:, None], EXACT_DIV), 127.0, True, False)
-            tl.store(q_rows + (k0 + rk)[None, :], q, mask=mask)
+        t = tl.abs(_rotate(_load_chunk(x_ptr, row0, 0, M, K, stride_xm, stride_xk, ROWS, CH, G, KRON, W),
+                           G, KRON, DOT_X, DOT_F32))  # fmt: skip
+        for k0 in range(CH, K, CH):
+            x = _load_chunk(x_ptr, row0, k0, M, K, stride_xm, stride_xk, ROWS, CH, G, KRON, W)
+            t = tl.maximum(t, tl.abs(_rotate(x, G, KRON, DOT_X, DOT_F32)))
+    scale = _scale_of(_token_max(t, ROWS, KRON) * INV_SQRT, 127.0, RCP_QMAX)
+    inv = tl.div_rn(tl.full(scale.shape, INV_SQRT, tl.float32), scale)  # 1 / (sqrt(G) scale), exactly scaled
+    if NCH > 0:
+        _quant_store(q_ptr, y0, row0, 0, M, K, scale, inv, INV_SQRT, EXACT_DIV, ROWS, CH, G, KRON, W)
+        if NCH >= 2:
+            _quant_store(q_ptr, y1, row0, CH, M, K, scale, inv, INV_SQRT, EXACT_DIV, ROWS, CH, G, KRON, W)
+        if NCH >= 3:
+            _quant_store(q_ptr, y2, row0, 2 * CH, M, K, scale, inv, INV_SQRT, EXACT_DIV, ROWS, CH, G, KRON, W)
+        if NCH >= 4:
+            _quant_store(q_ptr, y3, row0, 3 * CH, M, K, scale, inv, INV_SQRT, EXACT_DIV, ROWS, CH, G, KRON, W)
+    else:
+        for k0 in range(0, K, CH):
+            x = _load_chunk(x_ptr, row0, k0, M, K, stride_xm, stride_xk, ROWS, CH, G, KRON, W)
+            y = _rotate(x, G, KRON, DOT_X, DOT_F32)
+            _quant_store(q_ptr, y, row0, k0, M, K, scale, inv, INV_SQRT, EXACT_DIV, ROWS, CH, G, KRON, W)
+    rm = row0 + tl.arange(0, ROWS)
     tl.store(s_ptr + rm, scale, mask=rm < M)
 
 
@@ -142,7 +274,49 @@ def check_group(g: int, k: int, what: str = "activation") -> None:
         raise ShapeError(f"{what} has K={k}, not divisible by the rotation group size {g}")
 
 
-def rotate_act_quant_spec(x, q, s, g: int, exact: bool, kron: bool | None = None, f32_dot: int | None = None):
+@dataclasses.dataclass(frozen=True)
+class RotConfig:
+    """Launch shape of the kernel: ``rows`` tokens per program, ``chunk`` channels per chunk, ``n_chunks``
+    unrolled chunks (0: two passes over ceil(K / chunk) chunks), ``warps``."""
+
+    rows: int
+    chunk: int
+    n_chunks: int
+    warps: int
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def rot_config(m: int, k: int, g: int, kron: bool) -> RotConfig:
+    """One pass when the token fits in <= 4 power-of-two chunks of <= _ONE_PASS_MAX values in all (the chunk
+    count that pads K least, then the most: on an H200 one 16384-wide chunk took 16% longer per value than
+    three of 4096, and ptxas counts ~13% more instructions); else two passes over _TWO_PASS_CHUNK-wide chunks.
+    KRON: each warp rotates its own groups (no data crosses warps), ~3072 values (96 per thread) per warp:
+    fewer instructions per value than more, thinner warps (the per-program setup and the amax reduction are
+    shared by more values). g-wide dots: >= 16 groups per dot, ~48 values per thread."""
+    if k <= _ONE_PASS_MAX:
+        _, n = min((c * triton.next_power_of_2(-(-k // c)) - k, -c) for c in (1, 2, 3, 4))
+        n = -n
+        chunk = max(triton.next_power_of_2(-(-k // n)), g)
+        n = -(-k // chunk)
+    else:
+        n, chunk = 0, _TWO_PASS_CHUNK
+    tile = chunk * max(n, 1)  # values per token held at once
+    cap = triton.next_power_of_2(max(m, 1))
+    if kron:
+        rows = min(_pow2_floor(3072 // tile), cap)
+        warps = 4 if n == 0 else min(8, _pow2_floor(rows * tile // 3072), rows * chunk // g)
+        return RotConfig(rows, chunk, n, warps)
+    rows = max(_pow2_floor(2048 // tile), 16 * g // chunk)
+    rows = min(rows, max(cap, 16 * g // chunk))
+    warps = min(8, max(1, triton.next_power_of_2(rows * tile // (32 * 48) + 1) // 2))
+    return RotConfig(rows, chunk, n, warps if n else 4)
+
+
+def rotate_act_quant_spec(x, q, s, g: int, exact: bool, kron: bool | None = None, f32_dot: int | None = None,
+                          config: RotConfig | None = None):  # fmt: skip
     """The launch of the fused rotation + per-token int8 quantization of x [M, K] (M, K > 0, K % g == 0) into
     q [M, K] int8 contiguous and s f32 [M, 1]."""
     m, k = x.shape
@@ -152,32 +326,27 @@ def rotate_act_quant_spec(x, q, s, g: int, exact: bool, kron: bool | None = None
     else:
         dot_f32 = F32_DOT if f32_dot is None else f32_dot
         dot_x = 1 if x.dtype in (torch.bfloat16, torch.float16) else dot_f32
-    block_k = min(triton.next_power_of_2(k), _MAX_TILE // 2 if k > _MAX_TILE else _MAX_TILE)
-    # the dot's row count (BLOCK_M * BLOCK_K / group width) must reach 16, and a program should carry
-    # enough work to hide the load latency: up to 4096 values
-    width = 16 if kron else g
-    block_m = max(1, 4096 // block_k, 16 * width // block_k)
-    block_m = min(block_m, max(triton.next_power_of_2(m), 16 * width // block_k, 1))
-    tile = block_m * block_k
-    warps = 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+    c = config or rot_config(m, k, g, kron)
     sm, sk = x.stride()
     rcp = _quant._rcp(127.0) if x.is_cuda else 0.0
     return _quant.Spec(
-        _rotate_act_quant_kernel, (triton.cdiv(m, block_m),), (x, q, s, m, k, sm, sk),
-        dict(RCP_QMAX=rcp, EXACT_DIV=exact, G=g, KRON=kron, DOT_X=dot_x, DOT_F32=dot_f32, BLOCK_M=block_m,
-             BLOCK_K=block_k, ONE_PASS=k <= block_k),
-        warps,
+        _rotate_act_quant_kernel, (triton.cdiv(m, c.rows),), (x, q, s, m, k, sm, sk),
+        dict(RCP_QMAX=rcp, EXACT_DIV=exact, G=g, KRON=kron, DOT_X=dot_x, DOT_F32=dot_f32, ROWS=c.rows,
+             CH=c.chunk, NCH=c.n_chunks, W=c.warps if kron else 1),
+        c.warps,
     )  # fmt: skip
 
 
 def rotate_act_quant(
-    x: torch.Tensor, g: int, exact_div: bool | None = None, kron: bool | None = None, f32_dot: int | None = None
+    x: torch.Tensor, g: int, exact_div: bool | None = None, kron: bool | None = None, f32_dot: int | None = None,
+    config: RotConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate every group of g channels of x [M, K] (bf16 / fp16 / fp32, any strides) by H_g and quantize each
     token to int8. Returns q int8 [M, K] contiguous and scale f32 [M, 1], as
     ``quantize_activation_ref(rotate(x.float(), g), "int8-row")``. ``exact_div`` (default: only under the
     interpreter) divides by the scale instead of multiplying by its reciprocal; ``kron`` / ``f32_dot``
-    override ``KRON_256`` / ``F32_DOT``."""
+    override ``KRON_256`` / ``F32_DOT``, ``config`` the launch shape
+    (``rot_config``)."""
     if x.dim() != 2:
         raise ShapeError(f"rotate_act_quant takes a 2-D [M, K] activation, got shape {tuple(x.shape)}")
     m, k = x.shape
@@ -188,7 +357,7 @@ def rotate_act_quant(
     q = _quant.empty((m, k), torch.int8, x.device)
     s = _quant.empty((m, 1), torch.float32, x.device)
     if m and k:
-        _quant.launch(rotate_act_quant_spec(x, q, s, g, exact, kron, f32_dot))
+        _quant.launch(rotate_act_quant_spec(x, q, s, g, exact, kron, f32_dot, config))
     elif m:
         s.fill_(F.AMAX_EPS / FMT.qmax)
     return q, s
@@ -199,7 +368,100 @@ def rotated_linear_ref(x, wq, w_scale, g: int, bias=None, out_dtype=None, comput
     return F.linear_ref(F.rotate(x.float(), g), wq, w_scale, FMT, bias, out_dtype or x.dtype, compute_dtype)
 
 
+# -- launch plans: an eager rotated linear on a GPU costs two C launcher calls a call -------------------------
+# The first call for a (weight, activation layout) runs through the wrappers (checks, configurations, Triton's
+# launcher) and keeps both launches bound (``quant.bind``) with their argument lists, the activation-side
+# tensors left as slots; later calls allocate q, its scales and the output and launch. Without this the host
+# (tens of microseconds of Python a call) could fall behind the GPU at DiT shapes.
+
+_PLANS: dict = {}
+_X, _XQ, _XS, _OUT = (object() for _ in range(4))  # per-call slots of a template
+
+
+class _XqTma:
+    """Slot of xq's TMA operand (the j-th TMA operand of the GEMM) in a template."""
+
+    __slots__ = ("j",)
+
+    def __init__(self, j: int):
+        self.j = j
+
+
+class _Plan:
+    __slots__ = ("aq", "mm", "aq_t", "mm_t", "xq_shape", "out_shape", "out_dtype", "device")
+
+
+def _template(spec, bound, marks: dict) -> list:
+    """spec's launcher arguments in kernel order: tensors as pointers except the per-call ones in ``marks``
+    (xq's TMA operand becomes an _XqTma slot); other TMA operands expanded once (lists)."""
+    flat, j = [], 0
+    for a in spec.args:
+        if a.__class__ is _quant.Tma:
+            flat.append(_XqTma(j) if marks.get(id(a.t)) is _XQ else list(bound.tma(j, a.t)))
+            j += 1
+        elif isinstance(a, torch.Tensor):
+            flat.append(marks.get(id(a)) or a.data_ptr())
+        else:
+            flat.append(a)
+    return flat
+
+
+def _fill(bound, t: list, vals: dict, xq) -> list:
+    out = []
+    for a in t:
+        if a.__class__ is list:
+            out.extend(a)
+        elif a.__class__ is _XqTma:
+            out.extend(bound.tma(a.j, xq))
+        else:
+            out.append(vals.get(a, a) if a.__class__ is object else a)
+    return out
+
+
+def _plan_key(x, wq, w_scale, g, bias, out_dtype):
+    return (g, out_dtype, KRON_256, F32_DOT, _configs.weight_only_max_m(FMT.name), x.shape, x.stride(), x.dtype,
+            x.data_ptr() & 15, x.device.index, wq.data_ptr(), wq.shape, wq.stride(), wq.dtype, w_scale.data_ptr(),
+            w_scale.shape, w_scale.stride(), None if bias is None else (bias.data_ptr(), bias.shape, bias.stride(),
+            bias.dtype))  # fmt: skip
+
+
+def _build_plan(x2, wq, w_scale, g, bias, out_dtype, out):
+    """Run the W8A8 rotated linear of x2 [M, K] into out [M, N] once through bound launches; the plan or None."""
+    m, k = x2.shape
+    xq = _quant.empty((m, k), torch.int8, x2.device)
+    xs = _quant.empty((m, 1), torch.float32, x2.device)
+    aspec = rotate_act_quant_spec(x2, xq, xs, g, False)
+    aq = _quant.bind(aspec)
+    mspec = _gemm.scaled_mm_spec(xq, xs, wq, w_scale, FMT, bias, out, _configs.get_config(FMT.name, m, wq.shape[0], k))
+    mm = _quant.bind(mspec)
+    if aq is None or mm is None:  # launched anyway (bind launches), just not replayable
+        return None
+    p = _Plan()
+    marks = {id(x2): _X, id(xq): _XQ, id(xs): _XS, id(out): _OUT}
+    p.aq, p.mm, p.aq_t, p.mm_t = aq, mm, _template(aspec, aq, marks), _template(mspec, mm, marks)
+    p.xq_shape, p.out_shape, p.out_dtype, p.device = (m, k), tuple(out.shape), out.dtype, out.device
+    return p
+
+
+def _run_plan(p: _Plan, x) -> torch.Tensor:
+    stream = torch._C._cuda_getCurrentRawStream(p.device.index)
+    xq = _quant.empty(p.xq_shape, torch.int8, p.device)
+    xs = _quant.empty((p.xq_shape[0], 1), torch.float32, p.device)
+    out = _quant.empty(p.out_shape, p.out_dtype, p.device)
+    vals = {_X: x.data_ptr(), _XQ: xq.data_ptr(), _XS: xs.data_ptr(), _OUT: out.data_ptr()}
+    p.aq(stream, *_fill(p.aq, p.aq_t, vals, xq))
+    p.mm(stream, *_fill(p.mm, p.mm_t, vals, xq))
+    return out
+
+
 def _rotated_linear_triton(x, wq, w_scale, g: int, bias, out_dtype):
+    plan = x.is_cuda and _quant.RAW_LAUNCH and not _quant.hooked()
+    if plan:
+        key = _plan_key(x, wq, w_scale, g, bias, out_dtype)
+        p = _PLANS.get(key)
+        if p is not None:
+            y = _run_plan(p, x)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], wq.shape[0])
     k = x.shape[-1]
     check_group(g, k)
     _gemm.check_weight_side(wq, w_scale, FMT, bias, k)
@@ -214,6 +476,13 @@ def _rotated_linear_triton(x, wq, w_scale, g: int, bias, out_dtype):
         # split_k=1: no kept workspace, so the path also runs inside CUDA-graph trees (reduce-overhead)
         cfg = dataclasses.replace(_configs.weight_only_config(FMT.name, m, wq.shape[0], k), split_k=1)
         y = _gemm.weight_only_linear(F.rotate(x2.float(), g).to(x2.dtype), wq, w_scale, FMT, bias, out_dtype, cfg)
+    elif plan and m and wq.shape[0] and x2.data_ptr() == x.data_ptr():  # x2 a view of x: the plan reads x
+        y = _quant.empty((m, wq.shape[0]), out_dtype, x.device)
+        p = _build_plan(x2, wq, w_scale, g, bias, out_dtype, y)
+        if p is not None:
+            if len(_PLANS) >= 4096:
+                _PLANS.clear()
+            _PLANS[key] = p
     else:
         xq, xs = rotate_act_quant(x2, g)
         y = _gemm.scaled_mm(xq, xs, wq, w_scale, FMT, bias, out_dtype, check=False)
