@@ -10,14 +10,14 @@
   (issue 8 goal: rotated <= 0.5x plain).
 
 Then ``triton.testing.do_bench`` medians of: bf16, plain int8-row, rotated int8-row (through the
-QuantizedTensor, as models call it, and ``rotated_linear`` directly), the pieces (act_quant alone -- timed before
-and after the rotation kernels, to show drift --, rotate+quant alone, the int8 GEMM alone, the unfused torch
-rotation + act_quant), the kernel variants (``kron`` = g-256 as H V H or one 256-wide dot, ``ieee`` = the fp32
-second stage on the FMA units) and a sweep of launch shapes of the default kernel. Goal: rotated within 10% of
-plain int8-row.
+QuantizedTensor, as models call it, and ``rotated_linear`` directly), the pieces (act_quant and rotate+quant alone,
+each timed twice, before and after the rest, to show drift; the int8 GEMM alone; the unfused torch rotation +
+act_quant); with ``--variants`` the other kernel variants (``kron`` = g-256 as H V H or one 256-wide dot,
+``ieee`` = the fp32 second stage on the FMA units), with ``--sweep`` other launch shapes of the default kernel.
+Goal: rotated within 10% of plain int8-row. Defaults take ~1 minute on an H200 (all options: ~2).
 
-Usage (repository root): PYTHONPATH=src python3 bench/rotation_gpu.py [--rep MS] [--json PATH] [--no-sweep]
-[--no-variants]
+Usage (repository root): PYTHONPATH=src python3 bench/rotation_gpu.py [--rep MS] [--json PATH] [--variants]
+[--sweep]
 ``--quick`` runs tiny shapes (on a CPU through the Triton interpreter) to check the script itself.
 JSON: --json, else $OUT/rotation_gpu.json when $OUT is set, else ./rotation_gpu.json.
 """
@@ -89,10 +89,10 @@ def bad_stats(st: dict) -> str | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rep", type=int, default=200, help="do_bench rep in ms per timing")
+    p.add_argument("--rep", type=int, default=100, help="do_bench rep in ms per timing")
     p.add_argument("--quick", action="store_true", help="tiny shapes (works on a CPU through the interpreter)")
-    p.add_argument("--no-sweep", action="store_true", help="skip the launch-shape sweep")
-    p.add_argument("--no-variants", action="store_true", help="only the default kernel variant")
+    p.add_argument("--sweep", action="store_true", help="also time other launch shapes of the default kernel")
+    p.add_argument("--variants", action="store_true", help="also check and time the other kernel variants")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -140,11 +140,11 @@ def main(argv=None) -> int:
         row = {"M": m, "N": n, "K": k, "g": g, "us": {}, "err": {}, "checks": {}, "sweep": {},
                "default_config": list(R.rot_config(m, k, g, g == 256).__dict__.values())}  # fmt: skip
         tag = f"{m}x{n}x{k}"
-        sweep = [] if args.no_sweep or args.quick else [R.RotConfig(*c) for c in SWEEP.get(k, [])]
+        sweep = [] if not args.sweep or args.quick else [R.RotConfig(*c) for c in SWEEP.get(k, [])]
         with torch.no_grad():
             # -- correctness -------------------------------------------------------------------------------
             broken = set()
-            variants = {v: kf for v, kf in VARIANTS.items() if not args.no_variants or kf == default}
+            variants = {v: kf for v, kf in VARIANTS.items() if args.variants or kf == default}
             cases = [(name, kron, f32, None) for name, (kron, f32) in variants.items()]
             cases += [(f"config {tuple(c.__dict__.values())}", True, 2, c) for c in sweep]
             for name, kron, f32, cfg in cases:
