@@ -259,3 +259,65 @@ def test_api_checks(case, tmp_path):
         convert_checkpoint(case.src, tmp_path / "o.safetensors", target_cos=0.999, calibration=case.cal,
                            rounding="learned")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# -- measured gains (`ditq calibrate --gains`) ----------------------------------------------------------------
+def test_measure_gains(case):
+    from ditq.convert.calibrate import measure_gains
+
+    g = measure_gains(case.model, case.inputs, batches=2)
+    assert set(g) == {"inp", "fc1", "fc2", "out"} and all(v > 0 for v in g.values())
+    assert g["out"] == pytest.approx(1.0, abs=0.05)  # its output is the model's output
+    assert measure_gains(case.model, case.inputs, batches=2) == g  # seeded
+    # a branch scaled down 10x moves the output 10x less (per relative error of its own output)
+    small = copy.deepcopy(case.model)
+    with torch.no_grad():
+        small.fc2.weight.mul_(0.1), small.fc2.bias.mul_(0.1)
+    assert measure_gains(small, case.inputs, layers=["fc2"], batches=2)["fc2"] < 0.2 * g["fc2"]
+
+
+def test_gains_weigh_the_budget(case, tmp_path):
+    """With gains in the file each layer adds 1/2 (g e)^2; a layer of tiny gain takes the fastest format even
+    at a tight target; with measured gains the target is met on the model, with faster formats than gain 1."""
+    from ditq.convert.calibrate import measure_gains
+
+    stats = R.load_calibration(case.cal)
+    stats.meta["gains"] = {"inp": 1.0, "fc1": 1e-3, "fc2": 1.0, "out": 1.0}
+    stats.save(tmp_path / "g.safetensors")
+    p = convert_checkpoint(case.src, tmp_path / "o.safetensors", target_cos=0.9999,
+                           calibration=tmp_path / "g.safetensors").precision
+    by = {r["key"]: r for r in p["layers"]}
+    assert by["fc1.weight"]["gain"] == 1e-3 and by["fc1.weight"]["format"] == by["fc1.weight"]["order"][0]
+    assert p["estimate"] == pytest.approx(sum(0.5 * (r["gain"] * r["rel_error"]) ** 2 for r in p["layers"]))
+    ref = convert_checkpoint(case.src, tmp_path / "r.safetensors", target_cos=0.9999, calibration=case.cal).precision
+    assert by["fc1.weight"]["order"].index(by["fc1.weight"]["format"]) < ref["layers"][0]["order"].index(
+        {r["key"]: r for r in ref["layers"]}["fc1.weight"]["format"])
+
+    stats.meta["gains"] = measure_gains(case.model, case.inputs, batches=4)
+    stats.save(tmp_path / "m.safetensors")
+    for t in (0.999, 0.9999):
+        dst = tmp_path / f"m{t}.safetensors"
+        p = convert_checkpoint(case.src, dst, target_cos=t, calibration=tmp_path / "m.safetensors").precision
+        assert p["met"] and model_cos(loaded(case, dst), case) >= t, t
+        # fc1 and fc2 feed the residual stream at about a fifth of its size: gain 1 overstated their share
+        base = convert_checkpoint(case.src, tmp_path / "b.safetensors", target_cos=t, calibration=case.cal).precision
+        assert p["est_speed"] >= base["est_speed"], t
+
+
+def test_calibrate_cli_gains(tmp_path, capsys):
+    mod = tmp_path / "tiny_model.py"
+    mod.write_text(
+        "import torch\n"
+        "def model():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 128))\n"
+        "def inputs(model):\n"
+        "    g = torch.Generator().manual_seed(1)\n"
+        "    return iter([(torch.randn(64, 128, generator=g),) for _ in range(3)])  # read once\n")
+    out = tmp_path / "cal.safetensors"
+    rc = cli.main(["calibrate", f"{mod}:model", "--inputs", f"{mod}:inputs", "-o", str(out), "--dtype", "fp32",
+                   "--device", "cpu", "--gains", "2"])
+    assert rc == 0 and "gains of 2 layers" in capsys.readouterr().out
+    stats = R.load_calibration(out)
+    assert set(stats.meta["gains"]) == {"0", "2"} and stats.meta["gain_batches"] == 2
+    assert stats.meta["gains"]["2"] == pytest.approx(1.0, abs=0.05) and stats.get("0").count > 0

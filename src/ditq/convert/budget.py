@@ -8,11 +8,14 @@ rotated int8-row) on those rows, and its output's relative error ``e = ||Y_q - Y
 float layer is measured (``precision.output_error``).
 
 "Whole model" offline: without the model, the layer errors are combined into an estimate of the model
-output's cosine. Independent small errors add in quadrature along the depth (a residual stream passes a
-relative error on with a gain near 1), ``e_model^2 ~ sum_l e_l^2``, and an error orthogonal to the output
-costs ``1 - cos ~ e^2 / 2``. The budget is therefore the per-layer criterion
+output's cosine. A relative error e_l of layer l's output moves the model output by g_l * e_l, where the
+gain g_l is measured by ``ditq calibrate --gains`` (noise of known size added to that layer's output alone,
+on real inputs) and taken as 1 when the file has none: a conservative choice wherever a layer feeds a
+residual stream larger than its own output, which is most layers of a DiT. Independent small errors add in
+quadrature, ``e_model^2 ~ sum_l (g_l e_l)^2``, and an error orthogonal to the output costs
+``1 - cos ~ e^2 / 2``. The budget is therefore the per-layer criterion
 
-    1/2 * sum_l e_l^2  <=  1 - T
+    1/2 * sum_l (g_l * e_l)^2  <=  1 - T
 
 over the quantized layers (an estimate of the model: ``ditq.autoquant_`` measures the model output itself
 where the model can run). Each layer's candidates are ordered by their speed on the GEMM benchmark at the
@@ -34,9 +37,21 @@ from ..checkpoint import layout as L
 from ..checkpoint.io import prefetch
 from ..checkpoint.policy import Decision, Policy
 from ..errors import CheckpointError, FormatError, NonFiniteError, ShapeError
+from ..rounding import CHECKPOINT_PREFIXES
 from ..precision import FLOAT, ROTATED, Ladder, SpeedTable, mix_speed, output_error, quantize_candidate
 
-CRITERION = "1/2 * sum of squared per-layer output relative errors <= 1 - target_cos"
+CRITERION = ("1/2 * sum over layers of (gain x output relative error)^2 <= 1 - target_cos; gain: model-output "
+             "change per relative error of the layer's output (`ditq calibrate --gains`), 1 where not measured")
+
+
+def layer_gain(cal, key: str) -> float | None:
+    """The measured gain of the layer of weight ``key`` (checkpoint prefixes ignored, as for its statistics)."""
+    gains = cal.meta.get("gains") or {}
+    name = key[: -len(".weight")] if key.endswith(".weight") else key
+    for prefix in ("", *CHECKPOINT_PREFIXES):
+        if name.startswith(prefix) and name[len(prefix):] in gains:
+            return float(gains[name[len(prefix):]])
+    return None
 
 
 def plan_budget(ckpt, plan: list, pol: Policy, cal, cal_name: str, target: float, cands: tuple[str, ...],
@@ -91,9 +106,11 @@ def plan_budget(ckpt, plan: list, pol: Policy, cal, cal_name: str, target: float
         row = _measure(e.key, w, st.sample, cands)
         n, k = e.shape
         row["order"] = table.order(list(row["errors"]), n, k)
+        row["gain"] = layer_gain(cal, e.key)
+        gain = 1.0 if row["gain"] is None else row["gain"]
         layers.append(row)
         options.append(row["order"])
-        errors.append({c: 0.5 * r * r for c, r in row["errors"].items()})
+        errors.append({c: 0.5 * (gain * r) ** 2 for c, r in row["errors"].items()})
         del w
 
     budget = 1.0 - target
@@ -166,11 +183,15 @@ def _uniform(layers: list[dict], cands, budget: float, table: SpeedTable) -> lis
     for c in cands:
         if c == FLOAT:
             continue
-        est = sum(0.5 * r["errors"][c] ** 2 for r in layers if c in r["errors"])
+        est = sum(0.5 * (_gain(r) * r["errors"][c]) ** 2 for r in layers if c in r["errors"])
         speed = mix_speed([(*r["shape"], table.speed(c if c in r["errors"] else FLOAT, *r["shape"]).ratio)
                            for r in layers])
         out.append({"format": c, "estimate": est, "met": est <= budget, "est_speed": speed})
     return out
+
+
+def _gain(row: dict) -> float:
+    return 1.0 if row["gain"] is None else row["gain"]
 
 
 def summary_lines(p: dict) -> list[str]:
@@ -180,21 +201,29 @@ def summary_lines(p: dict) -> list[str]:
 
     cands = [c for c in p["candidates"] if c != FLOAT]
     rows = p["layers"]
-    lines = ["", f"  --target-cos {p['target_cos']}: {len(rows)} layers measured on calibration rows of {p['calibration']}",
-             f"  estimate 1 - cos = 1/2 sum e^2 = {p['estimate']:.3g} {'<=' if p['met'] else '>'} {p['budget']:.3g}: "
+    n_rows = sorted({r["rows"] for r in rows})
+    lines = ["", f"  --target-cos {p['target_cos']}: {len(rows)} layers measured on "
+                 f"{'-'.join(map(str, n_rows[::max(1, len(n_rows) - 1)])) if n_rows else 0} calibration rows each "
+                 f"({p['calibration']})",
+             f"  estimate 1 - cos = 1/2 sum (gain e)^2 = {p['estimate']:.3g} {'<=' if p['met'] else '>'} {p['budget']:.3g}: "
              f"{'met' if p['met'] else 'MISSED'}; estimated linear speed vs bf16 {x(p['est_speed'])} (N x K weighted)",
              f"  est.speed: {p['speed_source']}"]
     if not rows:
         return lines
-    w = min(48, max(len(r["key"]) for r in rows))
-    lines.append(f"    {'layer':<{w}} {'shape':<11} {'chosen':<17} {'rel.err':>8} {'est.speed':>9}  {'GEMM matched':<24}"
+    w = min(60, max(len(r["key"]) for r in rows))
+    lines.append(f"    {'layer':<{w}} {'shape':<11} {'chosen':<17} {'rel.err':>8} {'gain':>6} {'est.speed':>9}  "
+                 f"{'GEMM matched':<24}"
                  + "".join(f" {c:>17}" for c in cands))
     for r in rows:
         cells = "".join(f" {r['errors'][c]:>17.3%}" if c in r["errors"] else f" {'-':>17}" for c in cands)
-        lines.append(f"    {r['key'][-w:]:<{w}} {'x'.join(map(str, r['shape'])):<11} {r['format']:<17} "
-                     f"{r['rel_error']:>8.3%} {x(r['speed']):>9}  {r['gemm']:<24}" + cells)
-    lines.append("    rel.err: output relative error on the layer's calibration rows (W8A8 as run); each layer adds "
-                 "e^2/2 to the estimate")
+        key = r["key"] if len(r["key"]) <= w else "..." + r["key"][3 - w:]
+        g = "-" if r["gain"] is None else f"{r['gain']:.3g}"
+        lines.append(f"    {key:<{w}} {'x'.join(map(str, r['shape'])):<11} {r['format']:<17} "
+                     f"{r['rel_error']:>8.3%} {g:>6} {x(r['speed']):>9}  {r['gemm']:<24}" + cells)
+    measured = sum(r["gain"] is not None for r in rows)
+    lines.append("    rel.err e: output relative error on the layer's calibration rows (W8A8 as run); gain: measured by "
+                 "`ditq calibrate --gains`" + (f" ({len(rows) - measured} layers without: 1 assumed)" if measured < len(rows)
+                                               else ""))
     uni = [f"{u['format']} {u['estimate']:.3g} ({'meets' if u['met'] else 'misses'}, {x(u['est_speed'])})"
            for u in p["uniform"]]
     if uni:

@@ -27,8 +27,12 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, DitqError
-from ..modelcall import call_model
+from ..modelcall import call_model, output_tensor
 from ..rounding import CalibrationStats, LayerStats
+
+GAIN_EPS = 0.02
+"""Relative size of the noise ``measure_gains`` adds to a layer's output: the size of 8-bit output errors
+(0.7-3.7% measured per layer), small enough for the model's response to stay linear."""
 
 _RECENT = 4  # inputs kept alive (and so with unique addresses) to detect layers that share one
 
@@ -191,6 +195,54 @@ def capture_calibration(
     return stats
 
 
+def measure_gains(model: nn.Module, inputs, layers=None, *, forward_fn=None, batches: int = 2, eps: float = GAIN_EPS,
+                  seed: int = 0, progress: bool = False) -> dict[str, float]:
+    """Per selected linear layer, how much a relative error of its output moves the model's output: noise of
+    relative size ``eps`` per token (Gaussian, scaled to each output row's RMS, as 8-bit quantization errors
+    scale with each token's range) is added to the layer's output alone, and the gain is the model output's
+    relative change over ``eps`` (the largest over the first ``batches`` inputs). A layer whose output is
+    the model's output has gain 1; one feeding a residual stream much larger than itself, far less.
+
+    ``ditq convert --target-cos`` weighs each layer's measured output error by it. Cost: one forward per
+    layer and batch."""
+    selected = _select(model, layers)
+    if not selected:
+        raise DitqError("calibration: no nn.Linear layer matches the selection; check --layers")
+    fwd = forward_fn or call_model
+    todo = list(inputs)[: max(1, batches)]
+    gains: dict[str, float] = {}
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            refs = [output_tensor(fwd(model, b)).detach().double() for b in todo]
+            for i, (name, mod) in enumerate(selected.items()):
+                gen = torch.Generator().manual_seed(seed + i)
+
+                def noisy(m, args, out, gen=gen):
+                    z = torch.randn(out.shape, generator=gen).to(out.device)
+                    rms = out.float().square().mean(dim=-1, keepdim=True).sqrt()
+                    return (out.float() + eps * rms * z).to(out.dtype)
+
+                h = mod.register_forward_hook(noisy)
+                try:
+                    worst = 0.0
+                    for b, ref in zip(todo, refs):
+                        y = output_tensor(fwd(model, b)).detach().double()
+                        den = float(ref.norm())
+                        worst = max(worst, float((y - ref).norm()) / den if den > 0 else 0.0)
+                finally:
+                    h.remove()
+                gains[name] = worst / eps
+                if progress and (i + 1) % 25 == 0:
+                    print(f"calibrate: gains of {i + 1}/{len(selected)} layers ({time.perf_counter() - t0:.1f} s)",
+                          file=sys.stderr)
+    finally:
+        model.train(was_training)
+    return gains
+
+
 # -- random inputs for diffusers transformers (tests, smoke runs) --------------------------------------------
 def random_inputs(model: nn.Module, timesteps=(0.9, 0.6, 0.3, 0.1), batches: int = 1, tokens: int = 256,
                   text_tokens: int = 32, seed: int = 0, dtype=None, device=None) -> list[dict]:
@@ -292,6 +344,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-rows", type=int, default=256, help="held-out input rows kept per layer")
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES), help="model dtype")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--gains", type=int, default=0, metavar="B",
+                   help="also measure each layer's gain (how much an error of its output moves the model output) "
+                        "on the first B batches, for `ditq convert --target-cos` (one forward per layer and batch)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -314,10 +369,16 @@ def main(args) -> int:
         ts = tuple(float(t) for t in args.timesteps.split(","))
         batches = random_inputs(model, ts, args.batches, args.tokens, args.text_tokens, args.seed)
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
+    if args.gains > 0:
+        batches = list(batches)  # read twice: statistics, then gains
     forward_fn = _load_callable(args.forward) if args.forward else None
     stats = capture_calibration(model, batches, layers, forward_fn=forward_fn, max_full_k=args.max_full_k,
                                 sketch_rank=args.sketch_rank, sample_rows=args.sample_rows, seed=args.seed,
                                 progress=True)
+    if args.gains > 0:
+        stats.meta["gains"] = measure_gains(model, batches, layers, forward_fn=forward_fn, batches=args.gains,
+                                            seed=args.seed, progress=True)
+        stats.meta["gain_eps"], stats.meta["gain_batches"] = GAIN_EPS, min(args.gains, len(batches))
     stats.meta["model"] = str(args.model)
     stats.meta["inputs"] = args.inputs or f"random latents at timesteps {args.timesteps}"
     stats.save(out)
@@ -326,6 +387,10 @@ def main(args) -> int:
     print(f"calibrate: {len(stats.layers)} layers with own statistics ({n_low} low-rank), {len(stats.aliases)} "
           f"sharing another layer's input, up to {tokens} tokens a layer; wrote {out} "
           f"({out.stat().st_size / 1e6:.1f} MB)")
+    if stats.meta.get("gains"):
+        g = sorted(stats.meta["gains"].values())
+        print(f"calibrate: gains of {len(g)} layers measured (model-output change per relative output error: "
+              f"{g[0]:.3g} to {g[-1]:.3g}, median {g[len(g) // 2]:.3g})")
     if stats.meta["not_called"]:
         print(f"calibrate: {len(stats.meta['not_called'])} selected layers never ran (e.g. "
               f"{stats.meta['not_called'][0]}); they will be rounded to nearest", file=sys.stderr)

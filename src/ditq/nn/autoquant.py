@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ..errors import FormatError, ShapeError
 from ..modelcall import call_model
+from ..modelcall import output_tensor as _output_tensor
 from ..precision import (
     DEFAULT_CANDIDATES, DEFAULT_TOKENS, FLOAT, SPEED_ORDER, Ladder, PrecisionError, SpeedTable, check_candidates,
     check_target, mix_speed,
@@ -141,19 +142,6 @@ def _check_args(target_cos, candidates, inputs) -> tuple[float, tuple[str, ...]]
             "kwargs or one tensor), e.g. [(x_t0, t0), (x_t1, t1)]"
         )
     return t, cands
-
-
-def _output_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    sample = getattr(out, "sample", None)
-    if isinstance(sample, torch.Tensor):  # diffusers' Transformer2DModelOutput
-        return sample
-    raise AutoquantError(
-        f"the model returned {type(out).__name__}; pass forward_fn=lambda model, inp: <output tensor>"
-    )
 
 
 @torch.no_grad()
