@@ -2,7 +2,9 @@
 K carries a per-channel bias, as real DiT keys do), then TFLOP/s of SDPA's flash, cuDNN and
 memory-efficient backends, SageAttention when importable (its ``sageattn`` with smooth_k=True, on a copy of
 K since it smooths K in place), and ditq (pv="fp8" and "bf16"), all in one run.
-TFLOP/s are counted as 4 * B * H * N^2 * D (half of it when causal). ``--tune`` also sweeps kernel
+TFLOP/s are counted as 4 * B * H * N^2 * D (half of it when causal), timed eagerly (``do_bench``, which
+includes the host's launch cost wherever the host is the slower side) and as CUDA-graph replays (the GPU
+alone); host time per call is reported too. ``--tune`` also sweeps kernel
 configs (tile shapes, warps, stages) at a few shapes and reports the fastest per head dim and pv mode."""
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from ..errors import DitqError
 
 MUTATES_K = {"sageattention"}  # variants that modify K in place: timed on a copy
+# variants also timed as one CUDA-graph replay (no host launch cost), cuDNN last: a failed capture is reported
+GRAPHED = ("ditq-fp8", "ditq-bf16", "sageattention", "sdpa-cudnn")
 
 # (B, H, N, D, causal)
 SHAPES = [
@@ -118,6 +122,37 @@ def _bench(fn, rep):
     return triton.testing.do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median")
 
 
+def _graph_ms(fn, rep):
+    """Median time of one replay of ``fn`` captured in a CUDA graph: the GPU's time without the host's
+    launch cost (which do_bench's eager timing includes wherever the host is slower than the GPU)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up off the capturing stream, as capture requires
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    try:
+        return _bench(g.replay, rep)
+    finally:
+        del g
+        torch.cuda.empty_cache()
+
+
+def _host_ms(fn, n=10):
+    """Host milliseconds per call: n calls issued back to back with no synchronization in between."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return t
+
+
 def _reference(q, k, v, causal):
     from ..attn import attention_ref
 
@@ -150,10 +185,27 @@ def run_shape(shape, variants, rep, log, configs=None):
         row["ms"][name] = ms
         row["tflops"][name] = flops / ms / 1e9
         del kk
-    base = row["ms"].get("sdpa-cudnn")
-    row["vs_cudnn"] = {n: base / t for n, t in row["ms"].items()} if base else {}
-    sage = row["ms"].get("sageattention")
-    row["vs_sageattention"] = {n: sage / t for n, t in row["ms"].items() if n.startswith("ditq")} if sage else {}
+    # host time per call (launches only, the GPU left to catch up) and the GPU time without it
+    row["host_ms"], row["ms_graph"], row["tflops_graph"] = {}, {}, {}
+    timed = [n for n in variants if n in row["ms"]]
+    for name in timed + [n for n in GRAPHED if n in timed]:
+        fn = variants[name]
+        kk = k.clone() if name in MUTATES_K else k
+        if name not in row["host_ms"]:
+            row["host_ms"][name] = _host_ms(lambda: fn(q, kk, v, causal))
+            continue
+        try:
+            row["ms_graph"][name] = _graph_ms(lambda: fn(q, kk, v, causal), rep)
+            row["tflops_graph"][name] = flops / row["ms_graph"][name] / 1e9
+        except Exception as e:
+            row["errors"][f"{name} (graph)"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(f"  {name} (graph): {row['errors'][name + ' (graph)']}")
+        del kk
+    for key, ms in (("", row["ms"]), ("_graph", row["ms_graph"])):
+        base = ms.get("sdpa-cudnn")
+        row["vs_cudnn" + key] = {n: base / t for n, t in ms.items()} if base else {}
+        sage = ms.get("sageattention")
+        row["vs_sageattention" + key] = {n: sage / t for n, t in ms.items() if n.startswith("ditq")} if sage else {}
     # the K/V pre-pass alone, to see its share of ditq's time
     from ..kernels.attention import kv_prepass, padded_head_dim, pick_config
 
@@ -163,6 +215,7 @@ def run_shape(shape, variants, rep, log, configs=None):
     bn = cfg[1]
     try:
         row["prepass_ms_fp8"] = _bench(lambda: kv_prepass(k, v, bn, True, True), rep)
+        row["prepass_ms_fp8_graph"] = _graph_ms(lambda: kv_prepass(k, v, bn, True, True), rep)
     except Exception as e:
         row["errors"]["prepass"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     del q, k, v, ref
@@ -239,7 +292,11 @@ def best_configs(tuned) -> dict:
     return {k: v[0] for k, v in best.items()}
 
 
-def _table(rows) -> str:
+def _table(rows, graph=False) -> str:
+    """Markdown table of TFLOP/s (cosine vs FP32) and ratios; graph=True: the CUDA-graph replay timings."""
+    key = "_graph" if graph else ""
+    rows = [dict(r, tflops=r.get("tflops" + key, {}), vs_cudnn=r.get("vs_cudnn" + key, {}),
+                 vs_sageattention=r.get("vs_sageattention" + key, {})) for r in rows]
     names = []
     for r in rows:
         names += [n for n in r["tflops"] if n not in names]
@@ -302,5 +359,10 @@ def main(args) -> int:
             json.dump(result, f, indent=1)
     print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}; TFLOP/s (cosine vs FP32)")
     print(_table(result["results"]))
+    print("\nCUDA graph replay (no host launch cost), TFLOP/s")
+    print(_table(result["results"], graph=True))
+    print("\nhost ms per call: " + "; ".join(
+        f"N={r['shape'][2]}: " + ", ".join(f"{n} {t:.3f}" for n, t in r.get("host_ms", {}).items())
+        for r in result["results"]))
     return 0
 

@@ -140,26 +140,14 @@ def _kv_quant_kernel(
     N, NP, HK,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
-    SMOOTH_K: tl.constexpr, DO_V: tl.constexpr, EXACT_CVT: tl.constexpr, REVERSE: tl.constexpr,
-    SPLIT_KV: tl.constexpr,
+    SMOOTH_K: tl.constexpr, DO_V: tl.constexpr, EXACT_CVT: tl.constexpr,
 ):
-    """Program (g, nb) quantizes key block nb of head g: K, then V for pv="fp8". SPLIT_KV: programs
-    (2 g, nb) and (2 g + 1, nb) take K and V apart, so one tile is live per program, not two."""
+    """Program (g, nb) quantizes key block nb of head g: K, then V for pv="fp8"."""
+    g = tl.program_id(0)
     nb = tl.program_id(1)
-    if REVERSE:
-        # last blocks first: the stats pass read them last, so they are the ones still in L2
-        nb = tl.num_programs(1) - 1 - nb
-    if SPLIT_KV:
-        g = tl.program_id(0) // 2
-        if tl.program_id(0) % 2 == 0:
-            _quant_k_block(K, Stats, KQ, KS, g, nb, N, NP, HK, s_kb, s_kh, s_kn, D, DP, BLOCK_N, SMOOTH_K)
-        else:
-            _quant_v_block(V, Stats, VT, g, nb, N, NP, HK, s_vb, s_vh, s_vn, D, DP, BLOCK_N, EXACT_CVT)
-    else:
-        g = tl.program_id(0)
-        _quant_k_block(K, Stats, KQ, KS, g, nb, N, NP, HK, s_kb, s_kh, s_kn, D, DP, BLOCK_N, SMOOTH_K)
-        if DO_V:
-            _quant_v_block(V, Stats, VT, g, nb, N, NP, HK, s_vb, s_vh, s_vn, D, DP, BLOCK_N, EXACT_CVT)
+    _quant_k_block(K, Stats, KQ, KS, g, nb, N, NP, HK, s_kb, s_kh, s_kn, D, DP, BLOCK_N, SMOOTH_K)
+    if DO_V:
+        _quant_v_block(V, Stats, VT, g, nb, N, NP, HK, s_vb, s_vh, s_vn, D, DP, BLOCK_N, EXACT_CVT)
 
 
 @triton.jit
@@ -237,13 +225,12 @@ def _num_sms(dev) -> int:
     return _SMS[dev]
 
 
-# Pre-pass launch settings (bench/attention_gpu.py times the alternatives): stats tiles of
-# stats_elems / DP rows (32 elements per thread and partial at 4 warps), loads pipelined stats_stages deep;
-# the quant pass gives K and V blocks to separate programs (quant_split) of quant_warps[DP] warps (split, 8
-# warps at DP=128 need 128 registers, so two programs share an SM; K and V in one program of 4 warps need
-# 255) and takes the key blocks last-first (quant_reverse).
-PREPASS = {"stats_elems": 4096, "stats_warps": 4, "stats_stages": 3, "quant_warps": {64: 4, 128: 8, 256: 8},
-           "quant_reverse": True, "quant_split": True}
+# Pre-pass launch settings, from the H200 run of bench/attention_gpu.py at (1, 40, 32760, 128): stats tiles
+# of stats_elems / DP rows (32 elements per thread and partial at 4 warps) with loads pipelined
+# stats_stages deep read K and V at 3.5 TB/s (0.19 ms; the previous per-tile reductions ~0.28 ms); the quant
+# pass runs quant_warps[DP] warps (4: 255 registers, two programs per SM; 8 warps or separate K and V
+# programs measured 10-40% slower).
+PREPASS = {"stats_elems": 4096, "stats_warps": 4, "stats_stages": 3, "quant_warps": {64: 4, 128: 4, 256: 8}}
 
 
 def kv_prepass(k, v, block_n, smooth_k, pv_fp8):
@@ -289,12 +276,11 @@ def kv_quant(k, v, stats, block_n, smooth_k, pv_fp8):
     kq = _empty((G, NP, DP), dev, torch.int8)
     ks = _empty((G, NP // block_n), dev, torch.float32)
     vt = _empty((G, DP, NP), dev, torch.float8_e4m3fn) if pv_fp8 else None
-    split = bool(PREPASS["quant_split"]) and pv_fp8
-    _kv_quant_kernel[(G * (2 if split else 1), NP // block_n)](
+    _kv_quant_kernel[(G, NP // block_n)](
         k, v, stats, kq, ks, vt if pv_fp8 else kq, N, NP, HK,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=D, DP=DP, BLOCK_N=block_n, SMOOTH_K=smooth_k, DO_V=pv_fp8, EXACT_CVT=INTERPRET,
-        REVERSE=PREPASS["quant_reverse"], SPLIT_KV=split, num_warps=PREPASS["quant_warps"].get(DP, 4),
+        num_warps=PREPASS["quant_warps"].get(DP, 4),
     )
     return kq, ks, vt
 
