@@ -318,6 +318,8 @@ def convert_checkpoint(
         if rounding != "nearest" or rotation is not None or rotation_group is not None:
             raise DitqError("--target-cos chooses each layer's format and rotation itself (candidate "
                             "int8-row+hadamard); drop --rounding learned / --rotation")
+        if max_outlier_ratio is not None:
+            raise DitqError("--target-cos measures each layer's error on real inputs itself; drop --max-outlier-ratio")
         table = speed_table if isinstance(speed_table, SpeedTable) else SpeedTable.load(speed_table)
         fmt = F.get_format("int8-row")  # the policy's eligibility; each layer's format comes from the budget
     elif check_candidates(candidates) != DEFAULT_CANDIDATES or speed_table is not None:
