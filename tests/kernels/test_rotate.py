@@ -155,8 +155,9 @@ def test_compile_custom_op_has_fake_impl():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("f32_dot", [0, 2])
-# the direct 256-wide dot (kron=False) is a bench variant, never the default: it failed this check on an
-# H200 (2026-11-21) and is not claimed accurate; the default Kronecker path is what is tested here
+# the direct 256-wide dot (kron=False) is a bench variant, never the default (3x slower); the previous kernel's
+# failed this check on an H200 (2026-11-21), the current one passes it in bench/rotation_gpu.py --variants
+# (2026-11-22); the default Kronecker path is what is tested here
 @pytest.mark.parametrize("kron", [True])
 def test_gpu_dot_modes(f32_dot, kron, seed):
     """The tensor-core paths the interpreter cannot run (bf16 / fp16 dots, the bf16x3 split)."""
