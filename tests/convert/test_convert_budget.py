@@ -323,3 +323,11 @@ def test_calibrate_cli_gains(tmp_path, capsys):
     stats = R.load_calibration(out)
     assert set(stats.meta["gains"]) == {"0", "2"} and stats.meta["gain_batches"] == 2
     assert stats.meta["gains"]["2"] == pytest.approx(1.0, abs=0.05) and stats.get("0").count > 0
+
+
+def test_layer_no_candidate_fits_stays_float(case, tmp_path):
+    p = convert_checkpoint(case.src, tmp_path / "o.safetensors", target_cos=0.99, calibration=case.cal,
+                           candidates="int8-block")
+    assert list(p.precision["no_candidate"]) == ["out.weight"] and "divisible by 128" in p.precision["no_candidate"]["out.weight"]
+    assert {r.key: r.action for r in p.layers}["out.weight"] == "kept"
+    assert all(r["format"] == "int8-block" for r in p.precision["layers"])

@@ -229,3 +229,12 @@ def test_report_speed_is_the_shape_matched_gemm_benchmark(runs):
     # a looser target is estimated no slower
     speeds = [runs[t][1].est_speed for t in sorted(runs)]
     assert None in speeds or speeds == sorted(speeds, reverse=True)
+
+
+def test_layer_no_candidate_fits_is_kept():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(D, 200), nn.GELU(), nn.Linear(200, D)).eval()
+    x = [(torch.randn(8, D),)]
+    rep = ditq.autoquant_(m, x, target_cos=0.9, candidates=("int8-block",))
+    assert rep.layers == [] and [n for n, _ in rep.kept] == ["0", "2"] and "128" in rep.kept[0][1]
+    assert not any(isinstance(p, QuantizedTensor) for p in m.parameters())

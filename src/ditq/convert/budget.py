@@ -91,7 +91,7 @@ def plan_budget(ckpt, plan: list, pol: Policy, cal, cal_name: str, target: float
                               + "; --target-cos measures on them: re-run `ditq calibrate` with --sample-rows 256")
 
     layers, options, errors = [], [], []
-    kept_nonfinite = set()
+    kept_nonfinite, no_fit = set(), {}
     items = ((e, d, st, L.load(ckpt, e, dtype)) for e, d, st in covered)
     for e, d, st, w in prefetch(items, 2):
         w = w.to(dev) if dev.type != "cpu" else w
@@ -104,6 +104,9 @@ def plan_budget(ckpt, plan: list, pol: Policy, cal, cal_name: str, target: float
             kept_nonfinite.add(e.key)  # the converter keeps it and says why
             continue
         row = _measure(e.key, w, st.sample, cands)
+        if not row["errors"]:  # e.g. only block formats asked for and N or K not a multiple of 128
+            no_fit[e.key] = next(iter(row["skipped"].values()))
+            continue
         n, k = e.shape
         row["order"] = table.order(list(row["errors"]), n, k)
         row["gain"] = layer_gain(cal, e.key)
@@ -138,6 +141,8 @@ def plan_budget(ckpt, plan: list, pol: Policy, cal, cal_name: str, target: float
                 d = Decision("quantize", "--target-cos", c)
         elif d.action == "quantize" and e.key in uncovered:
             d = pol.keep(e.key, e.dtype, "--target-cos: not in the calibration file")
+        elif d.action == "quantize" and e.key in no_fit:
+            d = pol.keep(e.key, e.dtype, "--target-cos: no candidate applies")
         out.append((e, d))
     if uncovered:
         warnings.append(f"{len(uncovered)} quantizable layer(s) are not in the calibration file and stay in float "
@@ -151,7 +156,7 @@ def plan_budget(ckpt, plan: list, pol: Policy, cal, cal_name: str, target: float
         "estimated_cos": 1.0 - total, "met": met, "candidates": list(cands), "calibration": cal_name,
         "speed_source": table.describe(), "speed_table": table.source,
         "est_speed": mix_speed([(*r["shape"], r["speed"]) for r in layers]),
-        "layers": layers, "uncovered": uncovered, "kept_nonfinite": sorted(kept_nonfinite),
+        "layers": layers, "uncovered": uncovered, "kept_nonfinite": sorted(kept_nonfinite), "no_candidate": no_fit,
         "uniform": _uniform(layers, cands, budget, table), "seconds": round(time.perf_counter() - t0, 3),
     }
     return out, report, warnings

@@ -202,6 +202,7 @@ def autoquant_(
 
     # 2. sensitivity, one layer at a time; the float Parameter object itself is put back (bit-exact)
     options: list[list[str]] = []  # per layer: the candidates that apply, fastest first
+    measured = []
     for name, m, w in eligible:
         row = AutoLayer(name, tuple(w.shape), FLOAT)
         ok = []
@@ -222,12 +223,16 @@ def autoquant_(
             finally:
                 m.weight = w
             ok.append(fmt)
+        if not ok:  # e.g. only block formats asked for and N or K not a multiple of 128
+            report.kept.append((name, "no candidate applies: " + next(iter(row.skipped.values()))))
+            continue
         n, k = row.shape
         row.order = table.order(ok, n, k, tokens)
         row.speed = {c: table.speed(c, n, k, tokens).ratio for c in row.order}
         row.gemm = table.speed(row.order[0], n, k, tokens).gemm if row.order[0] != FLOAT else ""
         report.layers.append(row)
         options.append(row.order)
+        measured.append((name, m, w))
         if verbose:
             print(f"  {name}: " + ", ".join(f"{k} {v:.6f}" for k, v in row.cos.items() if v is not None))
 
@@ -236,7 +241,7 @@ def autoquant_(
     ladder.fit(1.0 - target)
 
     def apply():
-        for i, (name, m, w) in enumerate(eligible):
+        for i, (name, m, w) in enumerate(measured):
             fmt = ladder.format(i)
             report.layers[i].format = fmt
             m.weight = w if fmt == FLOAT else nn.Parameter(_quantize(w.detach(), fmt, f"{name}.weight"), requires_grad=False)
