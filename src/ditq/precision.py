@@ -9,6 +9,7 @@ the other, so the pieces live here, above ``tensor`` and below both.
   GEMM nearest to a layer's shape; rotated int8-row is int8-row's speed times the rotated / plain time
   ratio of ``ditq``'s rotation benchmark (``rotation-h200.json`` beside it). Without a table the order is
   ``SPEED_ORDER``.
+* Error: ``cosine`` of two outputs; ``output_error`` of a quantized layer on given input rows (offline).
 * Budget: ``Ladder``. Each layer has its candidates fastest first (bf16, when a candidate, last) and an
   error contribution per candidate; all start at their fastest; while the summed contribution exceeds the
   budget, the layer contributing most moves one rung toward precision. Every budget walks the same sequence
