@@ -118,6 +118,35 @@ def test_swap_and_restore(name):
     assert torch.equal(run(m, x), ref), f"{name}: disabling did not restore the original attention"
 
 
+@pytest.mark.parametrize("how", ["model", "blocks"])
+def test_compiles_without_graph_breaks(how):
+    # the policy of the call in flight reaches compiled code through a global (Dynamo cannot read a ContextVar):
+    # a whole-model compile traces the hooks too, a regional one (diffusers' compile_repeated_blocks) does not
+    m, x = build("flux")
+    ref = run(m, x)
+    policy = enable_int8_attention(m, pv="fp8")
+    eager = run(m, x)
+    assert not torch.equal(eager, ref)
+    torch._dynamo.reset()
+    if how == "model":
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    else:
+        compiled = m
+        for block in [*m.transformer_blocks, *m.single_transformer_blocks]:
+            block.compile(fullgraph=True, backend="aot_eager")
+    calls = policy.calls["int8"]
+    out = run(compiled, x)
+    assert policy.calls["int8"] > calls or how == "blocks"  # (a compiled graph does not run the counter)
+    # ditq's attention ran in the graph: its output is far closer to eager ditq than to the SDPA output
+    assert (out - eager).abs().max() <= 0.1 * (ref - eager).abs().max(), ((out - eager).abs().max(), (ref - eager).abs().max())
+    disable_int8_attention(m)
+    back = run(compiled, x)  # the guard on the policy sends the call to a full-precision graph
+    assert cos(back, ref) > 0.99999 and not torch.allclose(back, eager, rtol=0, atol=1e-6)
+    if how == "blocks":
+        for block in [*m.transformer_blocks, *m.single_transformer_blocks]:
+            block._compiled_call_impl = None
+
+
 def test_fp8_and_reenable_replaces_options():
     m, x = build("flux")
     ref = run(m, x)

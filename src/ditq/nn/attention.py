@@ -27,6 +27,15 @@ from ..errors import DitqError
 
 PV_MODES = ("fp8", "bf16")
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("ditq_int8_attention", default=None)
+_ACTIVE_TRACED: list = [None]
+"""The policy of the call in flight as a plain global, for compiled regions: Dynamo cannot trace
+``ContextVar.get`` but reads a global (guarding on it, so int8 and full-precision steps get one graph each)."""
+
+
+def _active_policy():
+    if torch.compiler.is_compiling():
+        return _ACTIVE_TRACED[0]
+    return _ACTIVE.get()
 _STATE = "_ditq_int8_attention"
 _PATCHED: dict = {}  # module name -> {global name: original}
 _ENABLED = weakref.WeakSet()  # models with the hooks installed (the patches stay while any is alive)
@@ -111,13 +120,18 @@ def enable_int8_attention(
                                  tuple(timestep_range) if timestep_range else None, min_tokens, scheduler)
 
         def pre_hook(module, args, kwargs, policy=policy):
-            token = _ACTIVE.set(policy if policy.use_int8(kwargs) else None)
-            getattr(module, _STATE)["tokens"].append(token)
+            active = policy if policy.use_int8(kwargs) else None
+            # a whole-model compile traces this hook: only the global then (no ContextVar in a graph)
+            token = None if torch.compiler.is_compiling() else _ACTIVE.set(active)
+            getattr(module, _STATE)["tokens"].append((token, _ACTIVE_TRACED[0]))
+            _ACTIVE_TRACED[0] = active
 
         def post_hook(module, args, kwargs, output):
             tokens = getattr(module, _STATE)["tokens"]
             if tokens:
-                _ACTIVE.reset(tokens.pop())
+                token, _ACTIVE_TRACED[0] = tokens.pop()
+                if token is not None:
+                    _ACTIVE.reset(token)
 
         handles = [
             model.register_forward_pre_hook(pre_hook, with_kwargs=True),
@@ -200,7 +214,7 @@ def _unpatch_if_unused() -> None:
 def _make_dispatch(original):
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        policy = _ACTIVE.get()
+        policy = _active_policy()
         if policy is not None and parallel_config is None and not attention_kwargs:
             out = _int8(policy, query, key, value, attn_mask, dropout_p, is_causal, scale, "NHD")
             if out is not None:
@@ -220,7 +234,7 @@ def _functional_proxy():
 
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                      enable_gqa=False):
-        policy = _ACTIVE.get()
+        policy = _active_policy()
         if policy is not None:
             out = _int8(policy, query, key, value, attn_mask, dropout_p, is_causal, scale, "HND")
             if out is not None:
