@@ -124,7 +124,7 @@ def test_compiles_without_graph_breaks(how):
     # a whole-model compile traces the hooks too, a regional one (diffusers' compile_repeated_blocks) does not
     m, x = build("flux")
     ref = run(m, x)
-    policy = enable_int8_attention(m, pv="fp8")
+    enable_int8_attention(m, pv="fp8")
     eager = run(m, x)
     assert not torch.equal(eager, ref)
     torch._dynamo.reset()
@@ -134,9 +134,7 @@ def test_compiles_without_graph_breaks(how):
         compiled = m
         for block in [*m.transformer_blocks, *m.single_transformer_blocks]:
             block.compile(fullgraph=True, backend="aot_eager")
-    calls = policy.calls["int8"]
-    out = run(compiled, x)
-    assert policy.calls["int8"] > calls or how == "blocks"  # (a compiled graph does not run the counter)
+    out = run(compiled, x)  # (compiled graphs do not count calls: a counter would recompile them)
     # ditq's attention ran in the graph: its output is far closer to eager ditq than to the SDPA output
     assert (out - eager).abs().max() <= 0.1 * (ref - eager).abs().max(), ((out - eager).abs().max(), (ref - eager).abs().max())
     disable_int8_attention(m)

@@ -323,6 +323,36 @@ def time_forward(fn, device, warmup: int, reps: int) -> list[float]:
     return times
 
 
+def graph_times(fn, reps: int) -> list[float]:
+    """Times in ms of ``reps`` replays of one CUDA graph that captured a whole call of ``fn`` (GPU time with no
+    host work between kernels: what a captured pipeline, or reduce-overhead compilation of the whole model,
+    sees). Raises where ``fn`` cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return times
+    finally:
+        del g
+        torch.cuda.empty_cache()
+
+
 def forward_peak(fn, device):
     """(output, bytes the allocator held above its level before the call at the call's peak; GPU only)."""
     if torch.device(device).type != "cuda":
@@ -454,6 +484,7 @@ def add_arguments(p) -> None:
     p.add_argument("--compile-archs", default=None, help="archs to compile (default: all of --arch)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--compile-mode", default=None, help="torch.compile modes, comma list: default, reduce-overhead (CUDA graphs), ...")
+    p.add_argument("--graph", action="store_true", help="also time each variant's whole forward captured as one CUDA graph (GPU)")
     p.add_argument("--reps", type=int, default=0, help="timed calls per variant (default: 10 for images, 3 for video)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -526,6 +557,13 @@ def _run_arch(run: _Run, name: str) -> None:
              "weight_gb": wbytes / GB, "forward_peak_gb": (wbytes + peak) / GB, "workspace_gb": peak / GB}
         if compile_s is not None:
             r["first_call_s"] = compile_s
+        if args.graph and torch.device(dev).type == "cuda":
+            try:
+                r["graph_times_ms"] = graph_times(call, reps)
+                r["graph_median_ms"] = statistics.median(r["graph_times_ms"])
+            except Exception as e:  # keep the variant's other numbers
+                r["graph_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                print(f"  {variant} {mode}: CUDA graph capture failed: {r['graph_error'][:200]}", flush=True)
         if report is not None:
             r["quantize_s"] = report.seconds
             r["quantized_layers"] = len(report.quantized)
@@ -614,6 +652,10 @@ def _run_arch(run: _Run, name: str) -> None:
                 cb = next((b for b in results if b["variant"] == "bf16" and b["mode"] == r["mode"] and "error" not in b), None)
                 if cb:
                     r["speedup_vs_bf16_compiled"] = cb["median_ms"] / r["median_ms"]
+        for r in results:  # CUDA-graph replays against bf16's in the same mode
+            cb = next((b for b in results if b["variant"] == "bf16" and b["mode"] == r["mode"] and "graph_median_ms" in b), None)
+            if cb and "graph_median_ms" in r:
+                r["graph_speedup_vs_bf16_same_mode"] = cb["graph_median_ms"] / r["graph_median_ms"]
         run.save()
     del model, kwargs, ref
     gc.collect()
@@ -625,15 +667,16 @@ def table(out: dict) -> str:
     lines = []
     for name, entry in out["archs"].items():
         lines.append(f"\n{name}: {entry['describe']} ({entry.get('params', 0) / 1e9:.2f} B), {entry.get('inputs', '')}, {out['gpu']}")
-        lines.append(f"| variant | mode | median ms | vs bf16 eager | vs bf16 compiled | weights GB | vs bf16 | peak GB | cosine | rel err | first call s |")
-        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        lines.append(f"| variant | mode | median ms | vs bf16 eager | vs bf16 compiled | CUDA graph ms | graph vs bf16 graph | weights GB | vs bf16 | peak GB | cosine | rel err | first call s |")
+        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in entry["results"]:
             if "error" in r:
                 lines.append(f"| {r['variant']} | {r['mode']} | failed: {r['error'][:80]} |")
                 continue
             lines.append(
                 f"| {r['variant']} | {r['mode']} | {r['median_ms']:.1f} | {r.get('speedup_vs_bf16_eager', 1.0):.2f}x | "
-                f"{_fmt(r.get('speedup_vs_bf16_compiled'), '{:.2f}x')} | {r['weight_gb']:.2f} | {r.get('weight_vs_bf16', 1.0):.1%} | "
+                f"{_fmt(r.get('speedup_vs_bf16_compiled'), '{:.2f}x')} | {_fmt(r.get('graph_median_ms'), '{:.1f}')} | "
+                f"{_fmt(r.get('graph_speedup_vs_bf16_same_mode'), '{:.2f}x')} | {r['weight_gb']:.2f} | {r.get('weight_vs_bf16', 1.0):.1%} | "
                 f"{r['forward_peak_gb']:.1f} | {_fmt(r.get('cosine'), '{:.5f}')} | {_fmt(r.get('rel_err'), '{:.4f}')} | "
                 f"{_fmt(r.get('first_call_s'), '{:.0f}')} |"
             )

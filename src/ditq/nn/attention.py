@@ -266,9 +266,11 @@ def _int8(policy, q, k, v, attn_mask, dropout_p, is_causal, scale, layout):
         kpm = key_padding_from_mask(attn_mask, q.shape[0], k.shape[seq])
         ok = kpm is not None and not is_causal
     if not ok:
-        policy.calls["fallback"] += 1
+        if not torch.compiler.is_compiling():  # a counter in a graph would recompile it per call
+            policy.calls["fallback"] += 1
         return None
-    policy.calls["int8"] += 1
+    if not torch.compiler.is_compiling():  # a counter in a graph would recompile it per call
+        policy.calls["int8"] += 1
     return attention(q, k, v, layout=layout, causal=is_causal, sm_scale=scale, pv=policy.pv,
                      smooth_k=policy.smooth_k, key_padding_mask=kpm)
 
