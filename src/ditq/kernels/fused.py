@@ -218,5 +218,9 @@ def fused_linear(
         return _empty_product(out, bias)
     exact = INTERPRET if exact_div is None else exact_div
     c = config or fused_config(fmt.name, m, n, k)
+    if fmt.is_int and c.block_m < 64 and x.stride(1) != 1 and x.is_cuda:
+        # measured wrong on an H200 (relative error 1.0, every x dtype; bench/NOTES.md, GEMM round 3): int8 tiles
+        # of 16 rows loaded from an x with a non-unit column stride. 64-row tiles, fp8 and unit strides are right.
+        x = x.contiguous()
     _quant.launch(fused_linear_spec(x, wq.contiguous(), w_scale, fmt, bias, out, c, exact))
     return out
