@@ -194,10 +194,12 @@ def _traced_op(name: str, t: torch.Tensor):
     return getattr(torch.ops.ditq, name, None)
 
 
-COMPILE_ACT_QUANT = "inductor"
-"""How a compiled graph quantizes activations for the W8A8 GEMM: "inductor" (torch ops that Inductor fuses
-into the producer of x, e.g. a LayerNorm + modulation, and shares between linears reading the same x, as
-Flux's q/k/v) or "op" (inside ``torch.ops.ditq.linear``, ditq's own kernel, as in eager mode)."""
+COMPILE_ACT_QUANT = "op"
+"""How a compiled graph quantizes activations for the W8A8 GEMM: "op" (inside ``torch.ops.ditq.linear``,
+ditq's own kernel, as in eager mode) or "inductor" (torch ops that Inductor can fuse into the producer of x,
+e.g. a LayerNorm + modulation, shared by the linears reading the same x, as Flux's q/k/v, then
+``torch.ops.ditq.scaled_mm``). Measured on the full Flux transformer (H200, bench/NOTES.md, runtime round 3):
+the same GPU time (102.1 ms each as one CUDA graph), and a longer first compile, so "op" stays the default."""
 
 
 def _traced_act_quant(x2: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -480,7 +480,7 @@ def add_arguments(p) -> None:
     p.add_argument("--formats", default="int8-row,fp8-row,int8-block",
                    help="comma-separated formats to run eagerly; '<format>+mod' also quantizes the adaLN modulation linears")
     p.add_argument("--compile", default="regional", choices=("regional", "full", "none"), help="how to compile (default regional)")
-    p.add_argument("--compile-formats", default="best", help="formats to also run compiled: comma list ('<format>@op': activation quantization inside ditq's op), 'best' or 'none'")
+    p.add_argument("--compile-formats", default="best", help="formats to also run compiled: comma list ('<format>@inductor' / '@op': activation quantization as traced torch ops / inside ditq's op), 'best' or 'none'")
     p.add_argument("--compile-archs", default=None, help="archs to compile (default: all of --arch)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--compile-mode", default=None, help="torch.compile modes, comma list: default, reduce-overhead (CUDA graphs), ...")
@@ -625,11 +625,11 @@ def _run_arch(run: _Run, name: str) -> None:
                     print(f"  time limit: skipping compiled {variant}")
                     break
                 torch._dynamo.reset()
-                # "<format>@op": activation quantization inside ditq's linear op instead of traced torch ops
+                # "<format>@inductor" / "@op": activation quantization as traced torch ops / inside ditq's op
                 fmt, _, aq = variant.partition("@")
                 ctx = contextlib.nullcontext(None) if variant == "bf16" else quantized(model, fmt)
                 undo, before = None, _tensor.COMPILE_ACT_QUANT
-                _tensor.COMPILE_ACT_QUANT = aq or "inductor"
+                _tensor.COMPILE_ACT_QUANT = aq or before
                 try:
                     with ctx as report:
                         undo = compile_model(model, args.compile, args.backend, mode=None if cmode == "default" else cmode)
