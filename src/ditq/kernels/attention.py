@@ -151,17 +151,22 @@ def _kv_quant_kernel(
 
 
 @triton.jit
-def _quant_k_block(K, Stats, KQ, KS, g, nb, N, NP, HK, s_kb, s_kh, s_kn,
-                   D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH_K: tl.constexpr):
-    """K block nb of head g: minus the token mean, int8 with one scale for the block (pad rows 0)."""
-    b = g // HK
-    h = g % HK
+def _load_block(X, g, nb, N, HK, s_b, s_h, s_n, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Token block nb of head g of X [B, HK, N, D] (strides s_b, s_h, s_n; unit channel stride) in fp32, zeros past
+    N and D: (rows, cols, channel mask, tile mask, tile)."""
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, DP)
     cmask = cols < D
     mask = (rows < N)[:, None] & cmask[None, :]
-    kp = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + rows[:, None].to(tl.int64) * s_kn + cols[None, :]
-    k = tl.load(kp, mask=mask, other=0.0).to(tl.float32)
+    p = X + (g // HK).to(tl.int64) * s_b + (g % HK).to(tl.int64) * s_h + rows[:, None].to(tl.int64) * s_n + cols[None, :]
+    return rows, cols, cmask, mask, tl.load(p, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quant_k_block(K, Stats, KQ, KS, g, nb, N, NP, HK, s_kb, s_kh, s_kn,
+                   D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH_K: tl.constexpr):
+    """K block nb of head g: minus the token mean, int8 with one scale for the block (pad rows 0)."""
+    rows, cols, cmask, mask, k = _load_block(K, g, nb, N, HK, s_kb, s_kh, s_kn, D, DP, BLOCK_N)
     if SMOOTH_K:
         mu = tl.load(Stats + g.to(tl.int64) * 4 * DP + cols, mask=cmask, other=0.0) / N
         k = tl.where(mask, k - mu[None, :], 0.0)  # pad rows stay 0, not -mu
@@ -181,15 +186,8 @@ def _quant_v_block(V, Stats, VT, g, nb, N, NP, HK, s_vb, s_vh, s_vn,
     values alike, so the mean error keeps a systematic part, which the softmax average passes on whole
     while the output itself shrinks as 1/sqrt(N) (emulated at N = 32760: cosine 0.99898 -> 0.99941 once
     the epilogue subtracts it)."""
-    b = g // HK
-    h = g % HK
-    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, DP)
-    cmask = cols < D
-    mask = (rows < N)[:, None] & cmask[None, :]
+    rows, cols, cmask, mask, v = _load_block(V, g, nb, N, HK, s_vb, s_vh, s_vn, D, DP, BLOCK_N)
     st = Stats + g.to(tl.int64) * 4 * DP
-    vp = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + rows[:, None].to(tl.int64) * s_vn + cols[None, :]
-    v = tl.load(vp, mask=mask, other=0.0).to(tl.float32)
     nu, vs = _v_scale(st, cols, cmask, N, DP)
     vc = tl.minimum(tl.maximum(tl.where(mask, (v - nu[None, :]) * (1.0 / vs)[None, :], 0.0), -448.0), 448.0)
     v8 = _to_e4m3(vc, EXACT_CVT)

@@ -38,7 +38,7 @@ from .. import formats as F
 from ..errors import ShapeError
 from . import INTERPRET
 from . import quant as _quant
-from .gemm import _promote, _tile_coords, _tma_ok, check_weight_side
+from .gemm import _promote, _tile_coords, _tma_ok, check_weight_side, store_tile
 from .quant import _divide, _scale_of, _to_storage, cast_rne
 
 
@@ -89,12 +89,8 @@ def _load_w(w_ptr, w_desc, row0, k, N, stride_wn, W_TMA: tl.constexpr, SUB_N: tl
 def _store_tile(acc, off_m, col0, M, N, bias_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr,
                 MANUAL_RNE: tl.constexpr, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):  # fmt: skip
     """Bias, cast, masked store of an accumulator tile at (off_m, col0)."""
-    rm = off_m + tl.arange(0, BLOCK_M)
-    rn = col0 + tl.arange(0, SUB_N)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out, cast_rne(acc, out_ptr.dtype.element_ty, MANUAL_RNE), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    store_tile(acc, off_m + tl.arange(0, BLOCK_M), col0 + tl.arange(0, SUB_N), M, N, bias_ptr, out_ptr, stride_om,
+               HAS_BIAS, MANUAL_RNE)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -182,6 +182,13 @@ def _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride
     if LORA_RANK > 0:
         y = _lora_dot(y, rm, rn, M, N, xa_ptr, lb_ptr, stride_xam, stride_lbn, LORA_RANK, LORA_R, LORA_CHUNK,
                       LORA_F32)
+    store_tile(y, rm, rn, M, N, bias_ptr, out_ptr, stride_om, HAS_BIAS, MANUAL_RNE)
+
+
+@triton.jit
+def store_tile(y, rm, rn, M, N, bias_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr, MANUAL_RNE: tl.constexpr):
+    """Bias (any float dtype, added in fp32), cast to the output's dtype, masked store of the fp32 tile y at
+    rows rm / columns rn of out [M, N] (unit column stride)."""
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
