@@ -1,4 +1,4 @@
-"""`ditq bench gemm | attention | model`: GPU benchmarks that check correctness before they time.
+"""`ditq bench gemm | attention | model | autoquant`: GPU benchmarks that check correctness before they time.
 Each sub-module provides ``add_arguments(parser)`` and ``main(args)``."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ SUITES = {
     "gemm": ("ditq.bench.gemm", "quantized linear vs cuBLAS bf16 / int8 / fp8 at DiT shapes"),
     "attention": ("ditq.bench.attention", "ditq INT8 attention vs SDPA backends"),
     "model": ("ditq.bench.model", "one transformer forward, bf16 vs each format, eager and compiled"),
+    "autoquant": ("ditq.bench.autoquant", "ditq.autoquant_ vs each single format: speed and cosine on a full-size model"),
 }
 
 
