@@ -24,3 +24,13 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """The device kernels run on: CUDA when present, else CPU (through the Triton interpreter)."""
     return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the CI machine's few cores are shared, and at tiny model sizes more threads only
+    oversubscribe them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

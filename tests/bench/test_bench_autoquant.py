@@ -15,13 +15,7 @@ from ditq.cli import main as cli
 FORMATS = ("fp8-row", "int8-row", "int8-row+hadamard", "int8-block")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the CI machine's few cores are shared; one intra-op thread avoids oversubscription at these tiny sizes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tmp_path, *extra):

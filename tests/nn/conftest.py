@@ -3,7 +3,6 @@ ditq.formats (the Triton kernels themselves are checked against those references
 through the CPU interpreter they would take minutes at model sizes). On a GPU the kernels run."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
@@ -16,9 +15,5 @@ def reference_kernels_on_cpu(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # the CI machine's few cores are shared; one intra-op thread avoids oversubscription at these tiny sizes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
