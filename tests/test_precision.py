@@ -151,3 +151,55 @@ def test_output_error_is_the_runtime_linear_error(cand, monkeypatch):
     assert 0 < 1 - cos <= rel * rel, seed  # only the error orthogonal to the output lowers the cosine
     if cand == P.ROTATED:  # the rotation is what makes rotated int8-row better on outlier channels
         assert rel < 0.5 * P.output_error(w, P.quantize_candidate(w, "int8-row"), x)[0], seed
+
+
+def walk_costs(options, errors, costs):
+    lad, states = P.Ladder(options, errors, costs), []
+    while True:
+        states.append((list(lad.level), lad.total()))
+        if not lad.step():
+            return states
+
+
+def test_ladder_with_costs_buys_error_cheapest_first():
+    """With a time per candidate, the move removing the most error per added time goes first: here layer 0's
+    fp8 -> int8-row (cheap, large gain) before layer 1's int8-row -> bf16 (costly), and a layer whose
+    precise rungs err as much as its current one is not moved through them."""
+    options = [["fp8-row", "int8-row", "bf16"], ["int8-row", "int8-block", "bf16"]]
+    errors = [{"fp8-row": 4e-4, "int8-row": 1e-4, "bf16": 0.0}, {"int8-row": 5e-4, "int8-block": 5e-4, "bf16": 0.0}]
+    costs = [{"fp8-row": 1.0, "int8-row": 1.05, "bf16": 1.6}, {"int8-row": 1.0, "int8-block": 1.2, "bf16": 1.5}]
+    states = walk_costs(options, errors, costs)
+    # 0: fp8->int8 removes 3e-4 for 0.05 (6e-3/unit); 1: ->bf16 removes 5e-4 for 0.5 (1e-3/unit); block: no gain
+    assert [s[0] for s in states] == [[0, 0], [1, 0], [1, 2], [2, 2]]
+    assert states[-1][1] == 0.0
+    # the error-only ladder (no costs) moves layer 1 first and walks it through int8-block
+    assert [s[0] for s in walk(options, errors)][:3] == [["fp8-row", "int8-row"], ["fp8-row", "int8-block"],
+                                                        ["fp8-row", "bf16"]]
+
+
+def test_ladder_with_costs_monotone_in_budget():
+    seed = secrets.randbits(31)
+    g = torch.Generator().manual_seed(seed)
+    options, errors, costs = [], [], []
+    for _ in range(15):
+        opts = ["fp8-row", "int8-row", "int8-row+hadamard", "int8-block", "bf16"]
+        errs = {c: float(torch.rand((), generator=g)) * 1e-3 for c in opts}
+        errs["bf16"] = 0.0
+        nk = float(torch.randint(1, 10, (), generator=g))
+        sp = sorted((float(v) for v in 1 + torch.rand(4, generator=g)), reverse=True)
+        costs.append({**{c: nk / s for c, s in zip(opts, sp)}, "bf16": nk})
+        options.append(opts)
+        errors.append(errs)
+    states = walk_costs(options, errors, costs)
+    assert states[-1][1] == 0.0  # bf16 is a candidate: it ends with no error left
+    assert all(b <= a for (_, a), (_, b) in zip(states, states[1:])), seed  # every move lowers the total
+    prev = None
+    for budget in sorted({0.0, *(float(b) for b in torch.rand(20, generator=g) * states[0][1])}, reverse=True):
+        lad = P.Ladder(options, errors, costs)
+        assert lad.fit(budget)
+        assert lad.level == next(lv for lv, tot in states if tot <= budget), seed
+        if prev is not None:
+            assert all(a >= b for a, b in zip(lad.level, prev)), seed
+        prev = list(lad.level)
+    with pytest.raises(P.PrecisionError, match="costs"):
+        P.Ladder(options, errors, costs[:-1])

@@ -12,9 +12,10 @@ the other, so the pieces live here, above ``tensor`` and below both.
 * Error: ``cosine`` of two outputs; ``output_error`` of a quantized layer on given input rows (offline).
 * Budget: ``Ladder``. Each layer has its candidates fastest first (bf16, when a candidate, last) and an
   error contribution per candidate; all start at their fastest; while the summed contribution exceeds the
-  budget, the layer contributing most moves one rung toward precision. Every budget walks the same sequence
-  of states and stops at its first acceptable one, so a looser budget never picks a slower format for any
-  layer than a tighter one.
+  budget, a layer moves toward precision: with a time per candidate (``costs``, from the speed table), the
+  move that removes the most error per added time, else the layer contributing most, one rung. Every budget
+  walks the same sequence of states and stops at its first acceptable one, so a looser budget never picks a
+  slower format for any layer than a tighter one.
 """
 
 from __future__ import annotations
@@ -215,6 +216,20 @@ def _nearest(rows: list[dict], m: int, n: int, k: int) -> dict:
     return min(rows, key=dist)
 
 
+def layer_costs(table: "SpeedTable", order: list[str], n: int, k: int, tokens: int = DEFAULT_TOKENS) -> dict[str, float] | None:
+    """Each candidate of ``order`` (fastest first, bf16 last, as ``SpeedTable.order`` gives it): its estimated
+    time for an [N, K] layer, N x K / speed vs bf16, never less than an earlier candidate's (bf16 stays last
+    even where the table has an 8-bit format slower than bf16: the 8-bit formats also halve the weight's
+    memory); None when a speed is unknown (no table)."""
+    out, floor = {}, 0.0
+    for c in order:
+        r = table.speed(c, n, k, tokens).ratio
+        if r is None or r <= 0:
+            return None
+        floor = out[c] = max(floor, n * k / r)
+    return out
+
+
 def mix_speed(layers) -> float | None:
     """The speed vs bf16 of a set of layers [(N, K, speed ratio)], each weighted by its GEMM work N x K
     (time adds up); None when any ratio is unknown."""
@@ -227,12 +242,22 @@ def mix_speed(layers) -> float | None:
 # -- budget --------------------------------------------------------------------------------------------------
 class Ladder:
     """Per layer: ``options[i]`` its candidates fastest first (most precise last) and ``errors[i][c]`` the error
-    contribution of candidate c (0 for bf16). ``level[i]`` is the rung layer i stands on."""
+    contribution of candidate c (0 for bf16). ``level[i]`` is the rung layer i stands on.
 
-    def __init__(self, options: list[list[str]], errors: list[dict[str, float]]):
+    ``costs[i][c]`` (optional): the layer's time in candidate c (e.g. N x K / measured speed). Without costs a
+    step moves the layer with the largest current error one rung up. With costs a step makes the move, over
+    all layers and every more precise rung with a smaller error, that removes the most error per unit of
+    added time (``(err_now - err_new) / (cost_new - cost_now)``): a layer whose 8-bit formats all err alike
+    is not walked through each of them to bf16 while a cheaper fp8 -> int8-row move elsewhere removes as
+    much. Either way the sequence of states is fixed by the errors (and costs), not by the budget, and levels
+    only rise."""
+
+    def __init__(self, options: list[list[str]], errors: list[dict[str, float]], costs: list[dict[str, float]] | None = None):
         if len(options) != len(errors) or any(not o for o in options):
             raise PrecisionError("Ladder: every layer needs at least one candidate and its errors")
-        self.options, self.errors = options, errors
+        if costs is not None and (len(costs) != len(options) or any(set(o) - set(c) for o, c in zip(options, costs))):
+            raise PrecisionError("Ladder: costs need one entry per layer and candidate")
+        self.options, self.errors, self.costs = options, errors, costs
         self.level = [0] * len(options)
 
     def format(self, i: int) -> str:
@@ -245,13 +270,34 @@ class Ladder:
         return sum(self.error(i) for i in range(len(self.options)))
 
     def step(self) -> bool:
-        """Move the layer with the largest current error one rung up (ties: the earlier layer); False when
-        every layer is on its last rung."""
+        """One move up (see the class); False when there is none left (without costs: every layer on its last
+        rung; with costs: no more precise rung lowers any layer's error)."""
+        if self.costs is not None:
+            return self._step_by_cost()
         movable = [i for i in range(len(self.options)) if self.level[i] + 1 < len(self.options[i])]
         if not movable:
             return False
         i = max(movable, key=lambda j: (self.error(j), -j))
         self.level[i] += 1
+        return True
+
+    def _step_by_cost(self) -> bool:
+        best = None  # (efficiency, -added cost, -layer, -rung)
+        for i, opts in enumerate(self.options):
+            now = self.error(i)
+            c_now = self.costs[i][opts[self.level[i]]]
+            for j in range(self.level[i] + 1, len(opts)):
+                gain = now - max(0.0, self.errors[i][opts[j]])
+                if gain <= 0.0:
+                    continue
+                added = self.costs[i][opts[j]] - c_now
+                eff = gain / added if added > 0 else math.inf
+                key = (eff, -added, -i, -j)
+                if best is None or key > best[0]:
+                    best = (key, i, j)
+        if best is None:
+            return False
+        self.level[best[1]] = best[2]
         return True
 
     def fit(self, budget: float) -> bool:

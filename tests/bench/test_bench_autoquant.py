@@ -105,3 +105,27 @@ def test_timesteps_span_the_schedule(arch, expect):
     assert inputs[0]["timestep"].dtype == M.make_inputs(a, a.tiny_config, a.tiny_size, "cpu", torch.bfloat16)[0]["timestep"].dtype
     # each timestep has its own latents
     assert not torch.equal(inputs[0]["hidden_states"], inputs[1]["hidden_states"])
+
+
+def test_two_targets_share_one_sensitivity_pass(tmp_path, reference_kernels):
+    # 0.99999: fp8-row misses, so the per-layer sensitivity is measured once; 0.9: the all-fastest state meets,
+    # autoquant@0.9 reuses the measurements and stops at the fastest state after one probe
+    res = run(tmp_path, "--target-cos", "0.99999,0.9", "--formats", "fp8-row,int8-row", "--timesteps", "0.9,0.1")
+    rows = {r["variant"]: r for r in res["results"]}
+    assert list(rows) == ["bf16", "fp8-row", "int8-row", "autoquant", "autoquant@0.9"]
+    assert res["targets"] == [0.99999, 0.9] and res["target_cos"] == 0.99999
+    tight, loose = rows["autoquant"], rows["autoquant@0.9"]
+    assert tight["autoquant_measured"] and tight["autoquant_met"] and tight["meets_target"]
+    assert loose["target_cos"] == 0.9 and loose["autoquant_met"] and loose["autoquant_rounds"] == 1
+    n_calib = len(res["timesteps"])
+    assert loose["autoquant_forwards"] == 2 * n_calib  # reference + one probe: the sensitivity was reused
+    assert tight["autoquant_forwards"] > 10 * n_calib
+    assert loose["layers"] == rows["fp8-row"]["layers"]  # fastest everywhere
+    for r in rows.values():
+        assert r["meets"] == {"0.99999": r["cos_min"] >= 0.99999, "0.9": r["cos_min"] >= 0.9}
+    per = res["per_target"]
+    best = min(("fp8-row", "int8-row"), key=lambda f: rows[f]["median_ms"])  # both meet 0.9; CPU timings decide
+    assert per["0.9"]["best_single"] == best
+    assert per["0.9"]["autoquant_vs_best_single"] == pytest.approx(rows[best]["median_ms"] / loose["median_ms"])
+    assert res["best_single"] == per["0.99999"]["best_single"]
+    assert res["autoquant_report"]["target_cos"] == 0.99999 and res["autoquant_report@0.9"]["target_cos"] == 0.9

@@ -1,5 +1,7 @@
 """autoquant_: meets its cosine target on held-out inputs of a small trained model, protects the layer fed
-by outlier channels, monotone in the target, exact at target 1.0, errors before touching the model."""
+by outlier channels, monotone in the target, exact at target 1.0, stops at the fastest state when that meets
+the target, searches the ladder's states by whole-model measurement, reuses an earlier report's
+sensitivity, errors before touching the model."""
 
 import copy
 
@@ -70,6 +72,15 @@ def model_cos(model, ref, inputs):
 
 RANK = {f: i for i, f in enumerate(A.SPEED_ORDER)}
 
+# The shipped GEMM table matches these 128-wide layers to its smallest benchmarked GEMM (8192x1792x1792), where
+# the int8 linears run below bf16 speed; a table with the ratios of the large DiT shapes makes the 8-bit formats
+# worth choosing, as on a real model.
+TABLE = A.SpeedTable(source="dit-shapes.json", gpu="test table", rows=[
+    {"M": 4096, "N": n, "K": k, "label": "test", "ratio": {"fp8-row": 1.42, "fp8-tensor": 1.45, "int8-row": 1.30,
+                                                         "int8-block": 1.05, "fp8-block": 1.05}}
+    for n, k in ((128, 128), (256, 128), (128, 256))], rotation=[{"M": 4096, "N": 128, "K": 128, "factor": 0.97}],
+    rotation_source="rotation-test.json")
+
 
 @pytest.fixture(scope="module")
 def runs(trained):
@@ -83,7 +94,7 @@ def runs(trained):
             mp.setattr(ops, "triton_runs_on", lambda t: bool(t.is_cuda))
         for t in (0.9999, 0.99):
             m = copy.deepcopy(model)
-            rep = ditq.autoquant_(m, calib, target_cos=t)
+            rep = ditq.autoquant_(m, calib, target_cos=t, sensitivity="always", speed_table=TABLE)
             out[t] = (m, rep, model_cos(m, model, held))
     return out
 
@@ -152,10 +163,98 @@ def test_sensitivity_restores_exact_weights_and_str(trained):
 
     m2 = copy.deepcopy(model)
     before = dict(m2.named_parameters())
-    rep2 = ditq.autoquant_(m2, calib[:2], target_cos=0.5, candidates=("int8-row", "fp8-row"), forward_fn=spy)
-    assert seen == [0, 0] + [1] * (2 * 2 * 4) + [4, 4] and rep2.forwards == len(seen)
+    rep2 = ditq.autoquant_(m2, calib[:2], target_cos=0.5, candidates=("int8-row", "fp8-row"), forward_fn=spy,
+                           sensitivity="always")
+    # reference, the fastest state (meets), then one layer at a time; the fastest state is put back unmeasured
+    assert seen == [0, 0] + [4, 4] + [1] * (2 * 2 * 4) and rep2.forwards == len(seen)
+    assert rep2.measured and rep2.rounds == 1 and all(r.format == "fp8-row" for r in rep2.layers)
+    assert all(isinstance(mm.weight, QuantizedTensor) for mm in (m2.inp, m2.fc1, m2.fc2, m2.out))
     s = str(rep)
     assert "fp8-row" in s and "inp" in s and "final cos" in s
+
+
+def test_fastest_state_meeting_target_needs_no_sensitivity(trained):
+    model, calib, held = trained
+    m = copy.deepcopy(model)
+    seen = []
+
+    def spy(mod, inp):
+        seen.append(sum(isinstance(mm.weight, QuantizedTensor) for mm in mod.modules() if isinstance(mm, nn.Linear)))
+        return mod(*inp)
+
+    rep = ditq.autoquant_(m, calib[:2], target_cos=0.9, forward_fn=spy)
+    assert seen == [0, 0, 4, 4] and rep.forwards == 4 and rep.rounds == 1 and not rep.measured
+    assert all(r.format == "fp8-row" for r in rep.layers) and rep.met and rep.final_cos >= 0.9
+    assert rep.final_cos == pytest.approx(model_cos(m, model, calib[:2]), abs=1e-6)
+    assert all(r.cos.get("fp8-row") is None and r.error is None for r in rep.layers)
+    assert "not measured" in str(rep)
+
+
+def test_search_finds_first_meeting_probe(runs):
+    """The tight target misses at the fastest state; the chosen state is the earliest probed one that meets."""
+    m, rep, _ = runs[0.9999]
+    assert rep.probes[0][0] == 0 and rep.probes[0][1] < 0.9999 and rep.states > 1
+    meeting = sorted(k for k, c in rep.probes if c >= 0.9999)
+    assert meeting and all(c < 0.9999 for k, c in rep.probes if k < meeting[0])
+    assert rep.final_cos == dict(rep.probes)[meeting[0]]
+    assert rep.rounds == len(rep.probes) <= 2 + 2 * rep.states.bit_length()
+
+
+class _Fake:
+    """A report stand-in for ``_search``: 3 layers, candidates fp8-row < int8-row < bf16."""
+
+    def __init__(self, cos):
+        self.layers = [A.AutoLayer(f"l{i}", (128, 128), "bf16", cos=dict(c), order=["fp8-row", "int8-row", "bf16"])
+                       for i, c in enumerate(cos)]
+        self.probes, self.states = [], 0
+
+
+@pytest.mark.parametrize("threshold", [1, 3, 5, 6, 99])
+@pytest.mark.parametrize("est_cos", [0.9999, 0.99, 0.9])
+def test_search_against_measurement_not_the_estimate(threshold, est_cos):
+    """Whatever the summed single-layer estimate says (pessimistic, right or optimistic), the search returns the
+    first state whose *measured* cosine meets the target; none meeting: the last (most precise) state."""
+    cos = [{"fp8-row": est_cos, "int8-row": (1 + est_cos) / 2, "bf16": 1.0}] * 3
+    rep = _Fake(cos)
+    k_of = {}
+
+    def probe(k, formats):
+        k_of[k] = formats
+        c = 0.999 if k >= threshold else 0.99
+        rep.probes.append((k, c))
+        return c
+
+    fmts, c = A._search(rep, 0.995, probe)
+    assert rep.states == 7  # 3 layers x 2 steps each + the start
+    want = min(threshold, 6)
+    assert fmts == k_of[want] and (c == 0.999) == (threshold <= 6)
+    assert len(rep.probes) <= 2 * rep.states.bit_length() + 1
+    assert sum(["fp8-row", "int8-row", "bf16"].index(f) for f in fmts) == want  # state k: k steps toward bf16
+
+
+def test_reuse_sensitivity_of_earlier_report(trained, runs):
+    model, calib, _ = trained
+    _, tight, _ = runs[0.9999]
+    m = copy.deepcopy(model)
+    calls = []
+    rep = ditq.autoquant_(m, calib, target_cos=0.9999, sensitivity=tight, speed_table=TABLE,
+                          forward_fn=lambda mod, i: calls.append(1) or mod(*i))
+    assert rep.choices == tight.choices and rep.final_cos == pytest.approx(tight.final_cos, abs=1e-9)
+    assert len(calls) == len(calib) * (1 + rep.rounds)  # reference + probes: no single-layer forwards
+    assert [r.cos for r in rep.layers] == [r.cos for r in tight.layers]
+
+
+def test_bad_sensitivity_fails_before_touching_model(trained):
+    model, calib, _ = trained
+    m = copy.deepcopy(model)
+    calls = []
+    fwd = lambda mod, i: calls.append(1) or mod(*i)  # noqa: E731
+    unmeasured = ditq.autoquant_(copy.deepcopy(model), calib[:1], target_cos=0.5)
+    for bad, match in [("sometimes", "sensitivity must be"), (unmeasured, "measured no per-layer"),
+                       (3, "sensitivity must be")]:
+        with pytest.raises(A.AutoquantError, match=match):
+            ditq.autoquant_(m, calib, sensitivity=bad, forward_fn=fwd)
+    assert not calls and not any(isinstance(p, QuantizedTensor) for p in m.parameters())
 
 
 @pytest.mark.parametrize(
@@ -210,9 +309,9 @@ def test_no_slower_than_best_uniform_format(trained, runs):
 def test_report_speed_is_the_shape_matched_gemm_benchmark(runs):
     """Each layer's candidates are ranked, and its chosen format's speed reported, from the same speed table
     as `ditq convert --target-cos` (the GEMM benchmark at the nearest benchmarked shape)."""
-    from ditq.precision import SpeedTable, mix_speed
+    from ditq.precision import mix_speed
 
-    table = SpeedTable.load()
+    table = TABLE
     for target in runs:
         rep = runs[target][1]
         assert rep.speed_source == table.describe()

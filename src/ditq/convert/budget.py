@@ -20,7 +20,8 @@ quadrature, ``e_model^2 ~ sum_l (g_l e_l)^2``, and an error orthogonal to the ou
 over the quantized layers (an estimate of the model: ``ditq.autoquant_`` measures the model output itself
 where the model can run). Each layer's candidates are ordered by their speed on the GEMM benchmark at the
 nearest benchmarked shape (``precision.SpeedTable``) and ``precision.Ladder`` picks, from all layers at
-their fastest, the first state within the budget.
+their fastest, moving the layer whose move removes the most error per added time first, the first state within
+the budget.
 
 Streaming: the converter reads the weights twice, once here to measure (nothing is written yet, so a
 mismatched calibration file or a NaN weight stops it before any output) and once to convert; memory stays
@@ -38,7 +39,7 @@ from ..checkpoint.io import prefetch
 from ..checkpoint.policy import Decision, Policy
 from ..errors import CheckpointError, FormatError, NonFiniteError, ShapeError
 from ..rounding import CHECKPOINT_PREFIXES
-from ..precision import FLOAT, ROTATED, Ladder, SpeedTable, mix_speed, output_error, quantize_candidate
+from ..precision import FLOAT, ROTATED, Ladder, SpeedTable, layer_costs, mix_speed, output_error, quantize_candidate
 
 CRITERION = ("1/2 * sum over layers of (gain x output relative error)^2 <= 1 - target_cos; gain: model-output "
              "change per relative error of the layer's output (`ditq calibrate --gains`), 1 where not measured")
@@ -117,7 +118,8 @@ def plan_budget(ckpt, plan: list, pol: Policy, cal, cal_name: str, target: float
         del w
 
     budget = 1.0 - target
-    ladder = Ladder(options, errors) if layers else None
+    costs = [layer_costs(table, row["order"], *row["shape"]) for row in layers]
+    ladder = Ladder(options, errors, None if any(c is None for c in costs) else costs) if layers else None
     met = ladder.fit(budget) if ladder else True
     chosen = {}
     for i, row in enumerate(layers):

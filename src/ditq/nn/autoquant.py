@@ -4,22 +4,32 @@ model's output within a cosine budget of the float model, in place.
 Method (issue 8, part 3):
 
 1. Run the float model on ``inputs`` (several timesteps are several inputs) and keep its outputs.
-2. Sensitivity: for each eligible layer (the preset's quantizable ``nn.Linear`` layers, as ``quantize_``
-   picks them) and each candidate format, quantize ONLY that layer, measure the model-output cosine (the
-   minimum over the inputs), then put the exact float Parameter back.
-3. Assignment: 1 - cos of independent small perturbations add (the errors add in squared norm), so the
-   single-layer errors are summed as an estimate (``precision.Ladder``). Every layer starts at its fastest
-   candidate (per the GEMM benchmark's speed at the nearest benchmarked shape, ``precision.SpeedTable``); while the
-   estimate exceeds the budget ``1 - target_cos``, the layer with the largest current error moves one step
-   toward bf16. Then all choices are applied and the whole-model cosine measured; while it misses the
-   target, the same rule moves one more layer one step and re-measures (bounded: each round moves a step,
-   and there are finitely many).
+2. The fastest state first: every eligible layer (the preset's quantizable ``nn.Linear`` layers, as
+   ``quantize_`` picks them) in its fastest candidate (per the GEMM benchmark's speed at the nearest
+   benchmarked shape, ``precision.SpeedTable``). If the whole model meets the target there, that is the
+   answer: no assignment is faster, and no per-layer measurement is needed (``sensitivity="always"``
+   measures it anyway, for the report).
+3. Sensitivity: for each eligible layer and each candidate, quantize ONLY that layer, measure the
+   model-output cosine (the minimum over the inputs), then put the exact float Parameter back.
+4. Assignment: 1 - cos of independent small perturbations add (the errors add in squared norm), so the
+   single-layer errors are summed as an estimate (``precision.Ladder``): every layer starts at its fastest
+   candidate; then, again and again, the move (a layer to a more precise candidate) that removes the most
+   estimated error per added estimated time (N x K / the speed table's ratio) is made. That is one fixed
+   sequence of states, from all-fastest to where no move lowers an error (all bf16 when bf16 is a candidate).
+   Ranking moves by error alone (the first version) walked sensitive layers through every 8-bit format to
+   bf16: on full-size Wan at 0.9999 it kept 203 layers in bf16 and ran at 0.95x the speed of int8-row. The summed estimate only says where
+   to look: real models do not add exactly (measured on full-size Flux, random weights: the single-layer
+   errors summed to ~10x the whole-model error), so the state is chosen by measuring the whole model, a
+   binary search along the sequence for the first state that meets the target (each probe one forward per
+   input; ~log2 of the sequence's length probes). The search assumes the measured cosine does not fall as
+   layers become more precise; the state it returns always met the target when measured.
 
-   Every target walks the same sequence of states and stops at its first acceptable one, so a looser target
-   never picks a slower format for any layer than a tighter one.
+   Every target searches the same sequence, so a looser target never picks a slower format for any layer
+   than a tighter one (as long as that assumption holds).
 
 ``bf16`` means the layer keeps its float weight as it is (whatever its dtype): with ``target_cos=1.0`` the
-model is unchanged.
+model is unchanged. ``sensitivity=<an earlier AutoquantReport>`` reuses that report's per-layer measurements
+(same model, inputs and candidates) to re-target without measuring again.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from ..modelcall import call_model
 from ..modelcall import output_tensor as _output_tensor
 from ..precision import (
     DEFAULT_CANDIDATES, DEFAULT_TOKENS, FLOAT, SPEED_ORDER, Ladder, PrecisionError, SpeedTable, check_candidates,
-    check_target, mix_speed,
+    check_target, layer_costs, mix_speed,
 )
 from ..precision import cosine as _cosine
 from ..precision import quantize_candidate as _quantize
@@ -64,8 +74,12 @@ class AutoLayer:
     gemm: str = ""
 
     @property
-    def error(self) -> float:
-        return 1.0 - self.cos[self.format] if self.format != FLOAT else 0.0
+    def error(self) -> float | None:
+        """1 - the single-layer cosine of the chosen format (0 for bf16; None: not measured)."""
+        if self.format == FLOAT:
+            return 0.0
+        c = self.cos.get(self.format)
+        return None if c is None else 1.0 - c
 
 
 @dataclass
@@ -73,7 +87,10 @@ class AutoquantReport:
     """What ``autoquant_`` chose. ``final_cos``: whole-model cosine (min over inputs) after applying the
     choices; ``met``: final_cos >= target_cos; ``rounds``: whole-model measurements; ``kept``: linear layers
     the preset keeps in float (name, reason); ``speed_source``: where the speed estimates come from;
-    ``est_speed``: the chosen layers' estimated linear speed vs bf16, weighted by N x K (None: no table)."""
+    ``est_speed``: the chosen layers' estimated linear speed vs bf16, weighted by N x K (None: no table);
+    ``measured``: whether the per-layer sensitivity was measured (False: the fastest state met the target);
+    ``probes``: the whole-model measurements of the search as (state index, cosine), in order;
+    ``states``: the length of the search's sequence of states (0 when not built)."""
 
     target_cos: float
     preset: str
@@ -86,6 +103,9 @@ class AutoquantReport:
     forwards: int = 0
     speed_source: str = ""
     est_speed: float | None = None
+    measured: bool = False
+    probes: list[tuple[int, float]] = field(default_factory=list)
+    states: int = 0
 
     @property
     def choices(self) -> dict[str, str]:
@@ -106,7 +126,8 @@ class AutoquantReport:
             f"({'met' if self.met else 'MISSED'}), preset {self.preset}, {self.rounds} whole-model round(s), "
             f"{self.forwards} forward(s)",
             f"est.speed: {self.speed_source}",
-            "single-layer model-output cosine per candidate (-: does not apply):",
+            ("single-layer model-output cosine per candidate (-: does not apply):" if self.measured else
+             "the fastest state met the target: single-layer cosines not measured (sensitivity=\"always\" measures them)"),
             head,
         ]
         for r in self.layers:
@@ -158,6 +179,7 @@ def autoquant_(
     min_elements: int = 16384,
     speed_table=None,
     tokens: int = DEFAULT_TOKENS,
+    sensitivity="auto",
     verbose: bool = False,
 ) -> AutoquantReport:
     """Quantize ``model``'s eligible linear layers in place, each to the fastest of ``candidates`` such that
@@ -170,12 +192,17 @@ def autoquant_(
     include / exclude / min_elements: which layers are eligible, as in ``quantize_``. speed_table: a
     ``ditq bench gemm --json`` file, a ``SpeedTable`` or None (``precision.DEFAULT_TABLE`` when present, else
     ``SPEED_ORDER``): "fastest" per layer is the measured speed at the benchmarked GEMM nearest to
-    ``tokens`` x N x K; the report shows each layer's estimate. Cost: one forward per
-    input for each (layer, candidate) pair plus one per whole-model round. Returns an AutoquantReport
-    (``str(report)`` is a table); ``report.met`` is False only when even the most precise candidates miss."""
+    ``tokens`` x N x K; the report shows each layer's estimate. sensitivity: "auto" (measure the per-layer
+    sensitivity only when the all-fastest state misses the target), "always", or an earlier
+    ``AutoquantReport`` of the same model, inputs and candidates whose measurements are reused. Cost: one
+    forward per input for the reference, for each whole-model probe (1 when the fastest state meets the
+    target, else ~log2 of the number of states) and, when measured, for each (layer, candidate) pair.
+    Returns an AutoquantReport (``str(report)`` is a table); ``report.met`` is False only when even the most
+    precise candidates miss."""
     if not isinstance(model, nn.Module):
         raise AutoquantError(f"autoquant_ needs a torch.nn.Module, got {type(model).__name__}")
     target, cands = _check_args(target_cos, candidates, inputs)
+    reuse = _check_sensitivity(sensitivity, cands)
     fwd = forward_fn or call_model
     policy = make_policy(model, "int8-row", preset, include, exclude, min_elements)
     table = speed_table if isinstance(speed_table, SpeedTable) else SpeedTable.load(speed_table)
@@ -192,6 +219,11 @@ def autoquant_(
             eligible.append((name, m, w))
         else:
             report.kept.append((name, d.reason))
+    if reuse is not None:
+        missing = [n for n, _, _ in eligible if n not in reuse]
+        if missing:
+            raise AutoquantError(f"sensitivity: the earlier report has no measurement of layer {missing[0]!r} "
+                                 f"({len(missing)} missing); pass the report of the same model and candidates")
 
     refs = [_output_tensor(fwd(model, inp)).detach().clone() for inp in inputs]
     report.forwards += len(inputs)
@@ -200,28 +232,19 @@ def autoquant_(
         report.forwards += len(inputs)
         return min(_cosine(_output_tensor(fwd(model, inp)), r) for inp, r in zip(inputs, refs))
 
-    # 2. sensitivity, one layer at a time; the float Parameter object itself is put back (bit-exact)
-    options: list[list[str]] = []  # per layer: the candidates that apply, fastest first
-    measured = []
+    # which candidates apply to each layer (a quantization that raises does not), fastest first
+    measured: list[tuple[str, nn.Linear, nn.Parameter]] = []
     for name, m, w in eligible:
         row = AutoLayer(name, tuple(w.shape), FLOAT)
         ok = []
         for fmt in cands:
-            if fmt == FLOAT:
-                row.cos[fmt] = 1.0
-                ok.append(fmt)
-                continue
-            try:
-                q = _quantize(w.detach(), fmt, f"{name}.weight")
-            except (ShapeError, FormatError) as e:
-                row.cos[fmt] = None
-                row.skipped[fmt] = str(e)
-                continue
-            m.weight = nn.Parameter(q, requires_grad=False)
-            try:
-                row.cos[fmt] = model_cos()
-            finally:
-                m.weight = w
+            if fmt != FLOAT:
+                try:
+                    _quantize(w.detach(), fmt, f"{name}.weight")
+                except (ShapeError, FormatError) as e:
+                    row.cos[fmt] = None
+                    row.skipped[fmt] = str(e)
+                    continue
             ok.append(fmt)
         if not ok:  # e.g. only block formats asked for and N or K not a multiple of 128
             report.kept.append((name, "no candidate applies: " + next(iter(row.skipped.values()))))
@@ -231,29 +254,123 @@ def autoquant_(
         row.speed = {c: table.speed(c, n, k, tokens).ratio for c in row.order}
         row.gemm = table.speed(row.order[0], n, k, tokens).gemm if row.order[0] != FLOAT else ""
         report.layers.append(row)
-        options.append(row.order)
         measured.append((name, m, w))
-        if verbose:
-            print(f"  {name}: " + ", ".join(f"{k} {v:.6f}" for k, v in row.cos.items() if v is not None))
 
-    # 3. one fixed sequence of states: start fastest, step the largest-error layer toward bf16
-    ladder = Ladder(options, [{c: 1.0 - v for c, v in r.cos.items() if v is not None} for r in report.layers])
-    ladder.fit(1.0 - target)
+    current = [FLOAT] * len(measured)  # what each layer holds now
 
-    def apply():
+    def apply(formats) -> None:
         for i, (name, m, w) in enumerate(measured):
-            fmt = ladder.format(i)
-            report.layers[i].format = fmt
-            m.weight = w if fmt == FLOAT else nn.Parameter(_quantize(w.detach(), fmt, f"{name}.weight"), requires_grad=False)
+            fmt = formats[i]
+            if fmt != current[i]:
+                m.weight = w if fmt == FLOAT else nn.Parameter(_quantize(w.detach(), fmt, f"{name}.weight"), requires_grad=False)
+                current[i] = fmt
 
-    while True:
-        apply()
+    def probe(k: int, formats) -> float:
+        apply(formats)
         report.rounds += 1
-        report.final_cos = model_cos()
-        if report.final_cos >= target or not ladder.step():
-            break
+        c = model_cos()
+        report.probes.append((k, c))
+        if verbose:
+            print(f"  autoquant probe: state {k}, cos {c:.6f}")
+        return c
+
+    # 2. the fastest state: all layers at their fastest candidate
+    fastest = [r.order[0] for r in report.layers]
+    cos0 = probe(0, fastest)
+    final = (fastest, cos0)
+    if cos0 < target or sensitivity == "always" or reuse is not None:
+        # 3. sensitivity, one layer at a time; the float Parameter object itself is put back (bit-exact)
+        apply([FLOAT] * len(measured))
+        for row, (name, m, w) in zip(report.layers, measured):
+            for fmt in row.order:
+                if fmt == FLOAT:
+                    row.cos[fmt] = 1.0
+                elif reuse is not None:
+                    row.cos[fmt] = reuse[name].get(fmt)
+                else:
+                    m.weight = nn.Parameter(_quantize(w.detach(), fmt, f"{name}.weight"), requires_grad=False)
+                    try:
+                        row.cos[fmt] = model_cos()
+                    finally:
+                        m.weight = w
+            if verbose:
+                print(f"  {name}: " + ", ".join(f"{k} {v:.6f}" for k, v in row.cos.items() if v is not None))
+        report.measured = True
+        if cos0 < target:
+            final = _search(report, target, probe, table, tokens)
+    apply(final[0])
+    for row, fmt in zip(report.layers, final[0]):
+        row.format = fmt
+    report.final_cos = final[1]
     report.met = report.final_cos >= target
     report.est_speed = mix_speed([(*r.shape, r.speed.get(r.format)) for r in report.layers])
     if verbose:
         print(report.summary())
     return report
+
+
+def _check_sensitivity(sensitivity, cands) -> dict[str, dict[str, float | None]] | None:
+    """None for "auto" / "always"; for an earlier report, its measured cosines per layer name."""
+    if isinstance(sensitivity, str) and sensitivity in ("auto", "always"):
+        return None
+    if not isinstance(sensitivity, AutoquantReport):
+        raise AutoquantError(f"sensitivity must be 'auto', 'always' or an earlier AutoquantReport, got {sensitivity!r}")
+    if not sensitivity.measured:
+        raise AutoquantError("sensitivity: the earlier report measured no per-layer sensitivity (its fastest state "
+                             "met its target); run it with sensitivity='always'")
+    if set(cands) - set(sensitivity.candidates):
+        raise AutoquantError(f"sensitivity: the earlier report measured {list(sensitivity.candidates)}, not all of "
+                             f"{list(cands)}")
+    return {r.name: dict(r.cos) for r in sensitivity.layers}
+
+
+def _search(report: AutoquantReport, target: float, probe, table: SpeedTable | None = None,
+            tokens: int = DEFAULT_TOKENS) -> tuple[list[str], float]:
+    """The first state of the ladder's sequence whose measured whole-model cosine meets ``target``, by binary
+    search (state 0, all fastest, is known to miss). Returns (formats, measured cosine); when even the last,
+    most precise state misses, that state."""
+    options = [r.order for r in report.layers]
+    costs = [layer_costs(table, r.order, *r.shape, tokens) for r in report.layers] if table is not None else [None]
+    ladder = Ladder(options, [{c: 1.0 - v for c, v in r.cos.items() if v is not None} for r in report.layers],
+                    None if any(c is None for c in costs) else costs)
+    budget = 1.0 - target
+    states, est = [list(ladder.level)], None
+    while True:
+        if est is None and ladder.total() <= budget:
+            est = len(states) - 1
+        if not ladder.step():
+            break
+        states.append(list(ladder.level))
+    report.states = len(states)
+    last = len(states) - 1
+    fmts = lambda k: [o[j] for o, j in zip(options, states[k])]  # noqa: E731
+    seen: dict[int, float] = {}
+
+    def meets(k: int) -> bool:
+        if k not in seen:
+            seen[k] = probe(k, fmts(k))
+        return seen[k] >= target
+
+    lo, hi = 0, None  # lo: a state that misses; hi: the earliest state known to meet
+    k = max(1, min(est if est is not None else last, last))
+    if last == 0:
+        return fmts(0), report.probes[-1][1]
+    if meets(k):
+        hi = k
+    else:  # the estimate was optimistic: gallop toward the most precise state
+        lo, step = k, max(1, k)
+        while hi is None and lo < last:
+            k = min(lo + step, last)
+            if meets(k):
+                hi = k
+            else:
+                lo, step = k, 2 * step
+        if hi is None:
+            return fmts(last), seen[last]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return fmts(hi), seen[hi]
