@@ -26,6 +26,12 @@ Method (issue 8, part 3):
 
    Every target searches the same sequence, so a looser target never picks a slower format for any layer
    than a tighter one (as long as that assumption holds).
+5. Alternatives, measured the same way: the same search over the 8-bit candidates only (no layer to bf16)
+   and each uniform state (one format everywhere it applies); the fastest meeting state by the speed table's
+   estimate wins. On models whose single-layer measurements sit on a floor no format lowers (full-size
+   random-weight Wan: bf16 rounding downstream decorrelates from the reference whatever the change), the
+   ladder sees bf16 as the only real improvement; these keep autoquant at least as fast as the best single
+   format that meets the target on the calibration inputs.
 
 ``bf16`` means the layer keeps its float weight as it is (whatever its dtype): with ``target_cos=1.0`` the
 model is unchanged. ``sensitivity=<an earlier AutoquantReport>`` reuses that report's per-layer measurements
@@ -89,8 +95,9 @@ class AutoquantReport:
     the preset keeps in float (name, reason); ``speed_source``: where the speed estimates come from;
     ``est_speed``: the chosen layers' estimated linear speed vs bf16, weighted by N x K (None: no table);
     ``measured``: whether the per-layer sensitivity was measured (False: the fastest state met the target);
-    ``probes``: the whole-model measurements of the search as (state index, cosine), in order;
-    ``states``: the length of the search's sequence of states (0 when not built)."""
+    ``probes``: the whole-model measurements as (what: "fastest", "ladder", "8-bit" or "uniform <format>",
+    state index in that sequence, cosine), in order; ``states``: the length of the ladder's sequence of states
+    (0 when not built)."""
 
     target_cos: float
     preset: str
@@ -104,8 +111,9 @@ class AutoquantReport:
     speed_source: str = ""
     est_speed: float | None = None
     measured: bool = False
-    probes: list[tuple[int, float]] = field(default_factory=list)
+    probes: list[tuple[str, int, float]] = field(default_factory=list)
     states: int = 0
+    _probed: list = field(default_factory=list, repr=False)
 
     @property
     def choices(self) -> dict[str, str]:
@@ -114,7 +122,9 @@ class AutoquantReport:
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
-        return asdict(self)
+        d = asdict(self)
+        d.pop("_probed", None)
+        return d
 
     def summary(self) -> str:
         cands = [c for c in self.candidates if c != FLOAT]
@@ -265,18 +275,19 @@ def autoquant_(
                 m.weight = w if fmt == FLOAT else nn.Parameter(_quantize(w.detach(), fmt, f"{name}.weight"), requires_grad=False)
                 current[i] = fmt
 
-    def probe(k: int, formats) -> float:
+    def probe(label: str, k: int, formats) -> float:
         apply(formats)
         report.rounds += 1
         c = model_cos()
-        report.probes.append((k, c))
+        report.probes.append((label, k, c))
+        report._probed.append((label, k, c, list(formats)))
         if verbose:
-            print(f"  autoquant probe: state {k}, cos {c:.6f}")
+            print(f"  autoquant probe: {label} state {k}, cos {c:.6f}")
         return c
 
     # 2. the fastest state: all layers at their fastest candidate
     fastest = [r.order[0] for r in report.layers]
-    cos0 = probe(0, fastest)
+    cos0 = probe("fastest", 0, fastest)
     final = (fastest, cos0)
     if cos0 < target or sensitivity == "always" or reuse is not None:
         # 3. sensitivity, one layer at a time; the float Parameter object itself is put back (bit-exact)
@@ -297,7 +308,7 @@ def autoquant_(
                 print(f"  {name}: " + ", ".join(f"{k} {v:.6f}" for k, v in row.cos.items() if v is not None))
         report.measured = True
         if cos0 < target:
-            final = _search(report, target, probe, table, tokens)
+            final = _choose(report, target, probe, table, tokens)
     apply(final[0])
     for row, fmt in zip(report.layers, final[0]):
         row.format = fmt
@@ -324,15 +335,56 @@ def _check_sensitivity(sensitivity, cands) -> dict[str, dict[str, float | None]]
     return {r.name: dict(r.cos) for r in sensitivity.layers}
 
 
-def _search(report: AutoquantReport, target: float, probe, table: SpeedTable | None = None,
+def _choose(report: AutoquantReport, target: float, probe, table: SpeedTable | None = None,
             tokens: int = DEFAULT_TOKENS) -> tuple[list[str], float]:
-    """The first state of the ladder's sequence whose measured whole-model cosine meets ``target``, by binary
-    search (state 0, all fastest, is known to miss). Returns (formats, measured cosine); when even the last,
-    most precise state misses, that state."""
-    options = [r.order for r in report.layers]
-    costs = [layer_costs(table, r.order, *r.shape, tokens) for r in report.layers] if table is not None else [None]
-    ladder = Ladder(options, [{c: 1.0 - v for c, v in r.cos.items() if v is not None} for r in report.layers],
-                    None if any(c is None for c in costs) else costs)
+    """The fastest (by the speed table's estimate) of the measured states that meet ``target``: the first
+    meeting state of the ladder over all candidates (``_search``), the same over the 8-bit candidates only (no
+    layer to bf16), and each uniform state (one 8-bit candidate on every layer it applies to, the most precise
+    candidate elsewhere; probed only when its estimate beats the best found). Per-layer measurements on some
+    models are dominated by a floor that no format lowers (full-size random-weight Wan: every 8-bit format of a
+    layer within ~10% of the others, falling with depth: bf16 rounding downstream decorrelates from the
+    reference whatever the change), which makes bf16 look like the only real improvement; the 8-bit ladder
+    and the uniform states keep autoquant at least as fast as the best single format that meets the target on
+    the calibration inputs. Returns (formats, measured cosine); none meeting: the most precise state."""
+    layers = report.layers
+    costs = [layer_costs(table, r.order, *r.shape, tokens) for r in layers] if table is not None else [None]
+    if any(c is None for c in costs):  # no table: the candidates' ranks stand in for their times
+        costs = [{c: r.shape[0] * r.shape[1] * (1.0 + j) for j, c in enumerate(r.order)} for r in layers]
+    errors = [{c: 1.0 - v for c, v in r.cos.items() if v is not None} for r in layers]
+
+    def total(formats) -> float:
+        return sum(c[f] for c, f in zip(costs, formats))
+
+    full = [r.order for r in layers]
+    found = []
+    fmts, cos, report.states = _search(full, errors, costs, target, lambda k, f: probe("ladder", k, f))
+    last = (fmts, cos)
+    if cos >= target:
+        found.append(fmts)
+    eight = [[c for c in o if c != FLOAT] or o for o in full]
+    if eight != full:
+        fmts, cos, _ = _search(eight, errors, costs, target, lambda k, f: probe("8-bit", k, f))
+        if cos >= target:
+            found.append(fmts)
+    for cand in [c for c in report.candidates if c != FLOAT]:
+        uni = [cand if cand in o else o[-1] for o in full]
+        if uni in found or (found and total(uni) >= min(map(total, found))):
+            continue
+        if probe(f"uniform {cand}", 0, uni) >= target:
+            found.append(uni)
+    cos_of = {tuple(f): c for _, _, c, f in report._probed}
+    if not found:
+        return last
+    best = min(found, key=total)
+    return best, cos_of[tuple(best)]
+
+
+def _search(options, errors, costs, target: float, probe) -> tuple[list[str], float, int]:
+    """The first state of the ladder's sequence (``precision.Ladder`` over ``options`` / ``errors`` /
+    ``costs``) whose measured whole-model cosine meets ``target``, by binary search (state 0, all fastest, is
+    known to miss). ``probe(k, formats) -> cosine``. Returns (formats, measured cosine, number of states);
+    when even the last, most precise state misses, that state."""
+    ladder = Ladder(options, errors, costs)
     budget = 1.0 - target
     states, est = [list(ladder.level)], None
     while True:
@@ -341,7 +393,6 @@ def _search(report: AutoquantReport, target: float, probe, table: SpeedTable | N
         if not ladder.step():
             break
         states.append(list(ladder.level))
-    report.states = len(states)
     last = len(states) - 1
     fmts = lambda k: [o[j] for o, j in zip(options, states[k])]  # noqa: E731
     seen: dict[int, float] = {}
@@ -351,10 +402,10 @@ def _search(report: AutoquantReport, target: float, probe, table: SpeedTable | N
             seen[k] = probe(k, fmts(k))
         return seen[k] >= target
 
+    if last == 0:
+        return fmts(0), probe(0, fmts(0)), 1
     lo, hi = 0, None  # lo: a state that misses; hi: the earliest state known to meet
     k = max(1, min(est if est is not None else last, last))
-    if last == 0:
-        return fmts(0), report.probes[-1][1]
     if meets(k):
         hi = k
     else:  # the estimate was optimistic: gallop toward the most precise state
@@ -366,11 +417,11 @@ def _search(report: AutoquantReport, target: float, probe, table: SpeedTable | N
             else:
                 lo, step = k, 2 * step
         if hi is None:
-            return fmts(last), seen[last]
+            return fmts(last), seen[last], len(states)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if meets(mid):
             hi = mid
         else:
             lo = mid
-    return fmts(hi), seen[hi]
+    return fmts(hi), seen[hi], len(states)
