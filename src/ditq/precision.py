@@ -192,13 +192,13 @@ class SpeedTable:
 
         return sorted(cands, key=key)
 
-    def describe(self) -> str:
+    def describe(self, tokens: int = DEFAULT_TOKENS) -> str:
         if not self.rows:
             return "no speed table: default order " + " > ".join(SPEED_ORDER)
         rot = f" and {Path(self.rotation_source).name}" if self.rotation_source else ""
         return (f"speed vs bf16 from the GEMM benchmark {Path(self.source).name}{rot} ({self.gpu or 'GPU ?'}), "
                 f"eager linear incl. activation quantization, at the benchmarked shape nearest to "
-                f"{DEFAULT_TOKENS} tokens x N x K")
+                f"{tokens} tokens x N x K")
 
 
 def _read_json(p: Path) -> dict:

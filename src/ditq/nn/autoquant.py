@@ -216,7 +216,7 @@ def autoquant_(
     fwd = forward_fn or call_model
     policy = make_policy(model, "int8-row", preset, include, exclude, min_elements)
     table = speed_table if isinstance(speed_table, SpeedTable) else SpeedTable.load(speed_table)
-    report = AutoquantReport(target, policy.preset, cands, speed_source=table.describe())
+    report = AutoquantReport(target, policy.preset, cands, speed_source=table.describe(tokens))
 
     eligible: list[tuple[str, nn.Linear, nn.Parameter]] = []
     for name, m in linear_layers(model):
