@@ -14,6 +14,9 @@ configuration; activation quantization is timed once per shape so the linear rat
 computed as the issue defines it. Writes $OUT/ws.json.
 
     PYTHONPATH=src python3 bench/ws_gpu.py
+
+Outcome on an H200 (bench/NOTES.md, GEMM round 4): the warp-specialized launches never complete (deadlock),
+the same kernel with warp_specialize=False is correct. Kept as the reproduction.
 """
 
 from __future__ import annotations
