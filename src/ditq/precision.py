@@ -127,6 +127,8 @@ class SpeedTable:
     rows: list[dict] = field(default_factory=list)
     rotation: list[dict] = field(default_factory=list)
     rotation_source: str | None = None
+    tokens: int = DEFAULT_TOKENS
+    """The rows (tokens) a layer's GEMM is matched at when a call gives none: the model's token count."""
 
     @classmethod
     def load(cls, path=None) -> "SpeedTable":
@@ -161,8 +163,9 @@ class SpeedTable:
             table.rotation_source = str(rp) if table.rotation else None
         return table
 
-    def speed(self, cand: str, n: int, k: int, tokens: int = DEFAULT_TOKENS) -> Speed:
-        """The estimated speed of an [N, K] layer in ``cand`` at ``tokens`` rows."""
+    def speed(self, cand: str, n: int, k: int, tokens: int | None = None) -> Speed:
+        """The estimated speed of an [N, K] layer in ``cand`` at ``tokens`` rows (default ``self.tokens``)."""
+        tokens = tokens or self.tokens
         if cand == FLOAT:
             return Speed(1.0, basis="bf16")
         if not self.rows:
@@ -183,7 +186,7 @@ class SpeedTable:
                 return Speed(row["ratio"][prev], gemm, f"assumed = {prev} (not in the table)")
         return Speed(None, gemm)
 
-    def order(self, cands, n: int, k: int, tokens: int = DEFAULT_TOKENS) -> list[str]:
+    def order(self, cands, n: int, k: int, tokens: int | None = None) -> list[str]:
         """``cands`` fastest first for an [N, K] layer; bf16 always last (every 8-bit format also halves the
         weight's memory); ties and a missing table fall back to SPEED_ORDER."""
         def key(c):
@@ -192,13 +195,13 @@ class SpeedTable:
 
         return sorted(cands, key=key)
 
-    def describe(self, tokens: int = DEFAULT_TOKENS) -> str:
+    def describe(self, tokens: int | None = None) -> str:
         if not self.rows:
             return "no speed table: default order " + " > ".join(SPEED_ORDER)
         rot = f" and {Path(self.rotation_source).name}" if self.rotation_source else ""
         return (f"speed vs bf16 from the GEMM benchmark {Path(self.source).name}{rot} ({self.gpu or 'GPU ?'}), "
                 f"eager linear incl. activation quantization, at the benchmarked shape nearest to "
-                f"{tokens} tokens x N x K")
+                f"{tokens or self.tokens} tokens x N x K")
 
 
 def _read_json(p: Path) -> dict:
@@ -216,7 +219,7 @@ def _nearest(rows: list[dict], m: int, n: int, k: int) -> dict:
     return min(rows, key=dist)
 
 
-def layer_costs(table: "SpeedTable", order: list[str], n: int, k: int, tokens: int = DEFAULT_TOKENS) -> dict[str, float] | None:
+def layer_costs(table: "SpeedTable", order: list[str], n: int, k: int, tokens: int | None = None) -> dict[str, float] | None:
     """Each candidate of ``order`` (fastest first, bf16 last, as ``SpeedTable.order`` gives it): its estimated
     time for an [N, K] layer, N x K / speed vs bf16, never less than an earlier candidate's (bf16 stays last
     even where the table has an 8-bit format slower than bf16: the 8-bit formats also halve the weight's

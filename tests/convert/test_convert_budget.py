@@ -179,6 +179,32 @@ def test_speed_table_ranks_the_formats(case, tmp_path):
     assert all(r["format"] == "fp8-row" and r["speed"] is None for r in p["layers"])
 
 
+def test_tokens_pick_the_table_rows(case, tmp_path):
+    """--tokens N reads the speed table at M=N rows (a video model's GEMMs are much taller than 4096 rows)."""
+    rows = []
+    for m, ratio in ((4096, {"int8-row": 2.0, "fp8-row": 1.5}), (32760, {"int8-row": 1.2, "fp8-row": 1.9})):
+        rows.append({"model": f"m{m}", "M": m, "N": D, "K": D, "ratio": ratio})
+    path = tmp_path / "gemm-two.json"
+    path.write_text(json.dumps({"gpu": "test GPU", "shapes": rows}))
+    small = convert_checkpoint(case.src, tmp_path / "a.safetensors", target_cos=0.5, calibration=case.cal,
+                               speed_table=str(path)).precision
+    tall = convert_checkpoint(case.src, tmp_path / "b.safetensors", target_cos=0.5, calibration=case.cal,
+                              speed_table=str(path), tokens=32760).precision
+    a, b = ({r["key"]: r for r in p["layers"]}["inp.weight"] for p in (small, tall))
+    assert a["format"] == "int8-row" and a["gemm"].startswith("4096x") and "4096 tokens" in small["speed_source"]
+    assert b["format"] == "fp8-row" and b["gemm"].startswith("32760x") and "32760 tokens" in tall["speed_source"]
+    rc = cli.main(["convert", str(case.src), "-o", str(tmp_path / "c.safetensors"), "--target-cos", "0.5",
+                   "--calibration", str(case.cal), "--speed-table", str(path), "--tokens", "32760", "-q",
+                   "--json", str(tmp_path / "c.json")])
+    assert rc == 0
+    got = json.loads((tmp_path / "c.json").read_text())
+    assert "32760 tokens" in json.dumps(got)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(DitqError, match="--tokens"):
+            convert_checkpoint(case.src, tmp_path / "d.safetensors", target_cos=0.5, calibration=case.cal, tokens=bad)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 def test_uncovered_layer_stays_float(case, tmp_path):
     stats = R.CalibrationStats({k: v for k, v in case.stats.layers.items() if k != "fc2"}, {}, {})
     stats.save(tmp_path / "part.safetensors")
@@ -208,6 +234,7 @@ def _stats(names_k, rows=8):
     ("target 1.5", r"\(0, 1\]"),
     ("unknown candidate", "unknown candidate"),
     ("candidates alone", "only apply with --target-cos"),
+    ("tokens alone", "only apply with --target-cos"),
     ("bad speed table", "speed table"),
 ])
 def test_refusals_write_nothing(case, tmp_path, capsys, what, match):
@@ -230,6 +257,7 @@ def test_refusals_write_nothing(case, tmp_path, capsys, what, match):
             "target 1.5": ["--target-cos", "1.5", "--calibration", cal],
             "unknown candidate": ["--target-cos", "0.999", "--candidates", "fp8-row,int4", "--calibration", cal],
             "candidates alone": ["--candidates", "fp8-row,bf16"],
+            "tokens alone": ["--tokens", "32760"],
             "bad speed table": ["--target-cos", "0.999", "--speed-table", str(tmp_path / "x.json"), "--calibration", cal],
             }.get(what, ["--target-cos", "0.999", "--calibration", cal]) + extra
     rc = cli.main(["convert", str(case.src), "-o", str(dst), *args])

@@ -10,6 +10,7 @@ renamed when complete). Memory stays near a few tensors whatever the checkpoint 
 
 from __future__ import annotations
 
+
 import importlib.util
 import json
 import os
@@ -18,7 +19,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -278,6 +279,7 @@ def convert_checkpoint(
     target_cos: float | None = None,
     candidates=DEFAULT_CANDIDATES,
     speed_table=None,
+    tokens: int | None = None,
     measure_error: bool = True,
     progress: bool = False,
     policy: Policy | None = None,
@@ -302,8 +304,9 @@ def convert_checkpoint(
     ``target_cos`` (with ``calibration``) chooses each layer's format among ``candidates`` (precision.SPEED_ORDER
     names; "bf16" keeps the layer in float) from its measured output error on the calibration rows, the
     fastest per the GEMM benchmark ``speed_table`` (a ``ditq bench gemm --json`` file, "none", or None for
-    ``precision.DEFAULT_TABLE``) within the whole-model budget of ``budget.py``; ``format`` is then unused
-    and ``report.precision`` holds the per-layer choice."""
+    ``precision.DEFAULT_TABLE``) read at ``tokens`` rows per GEMM (default ``precision.DEFAULT_TOKENS``; a video
+    model's token count, e.g. 32760 for Wan 480p 81 frames) within the whole-model budget of ``budget.py``;
+    ``format`` is then unused and ``report.precision`` holds the per-layer choice."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     fmt = F.get_format(format)
@@ -321,9 +324,13 @@ def convert_checkpoint(
         if max_outlier_ratio is not None:
             raise DitqError("--target-cos measures each layer's error on real inputs itself; drop --max-outlier-ratio")
         table = speed_table if isinstance(speed_table, SpeedTable) else SpeedTable.load(speed_table)
+        if tokens is not None:
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+                raise DitqError(f"--tokens must be a positive whole number (the rows of the model's GEMMs), got {tokens!r}")
+            table = replace(table, tokens=tokens)
         fmt = F.get_format("int8-row")  # the policy's eligibility; each layer's format comes from the budget
-    elif check_candidates(candidates) != DEFAULT_CANDIDATES or speed_table is not None:
-        raise DitqError("--candidates and --speed-table only apply with --target-cos; add it or drop them")
+    elif check_candidates(candidates) != DEFAULT_CANDIDATES or speed_table is not None or tokens is not None:
+        raise DitqError("--candidates, --speed-table and --tokens only apply with --target-cos; add it or drop them")
     if rounding == "nearest" and (rounding_options or (calibration is not None and target_cos is None)):
         raise DitqError("rounding options apply only with --rounding learned, and --calibration with --rounding learned "
                         "or --target-cos; add one or drop them")
@@ -796,6 +803,9 @@ def add_arguments(p) -> None:
     g.add_argument("--speed-table", default=None, metavar="JSON",
                    help="`ditq bench gemm --json` result ranking the formats by speed per shape (default: "
                         "bench/results/gemm-h200.json when present; 'none': the default order)")
+    g.add_argument("--tokens", type=int, default=None, metavar="N",
+                   help="rows of the model's GEMMs the speed table is read at (default 4096, a 1024px Flux image; "
+                        "e.g. 32760 for Wan 480p 81 frames)")
     p.add_argument("--device", default="auto", help="where to quantize: auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--shard-size", default=None, metavar="SIZE", help="write a folder of shards of at most SIZE (e.g. 5GB)")
     p.add_argument("--no-error", action="store_true", help="skip measuring each layer's weight error (a little faster)")
@@ -828,6 +838,7 @@ def main(args) -> int:
         target_cos=args.target_cos,
         candidates=check_candidates(args.candidates),
         speed_table=args.speed_table,
+        tokens=args.tokens,
         measure_error=not args.no_error,
         progress=not args.quiet,
     )
