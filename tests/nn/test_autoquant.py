@@ -199,7 +199,8 @@ def test_search_finds_first_meeting_probe(runs):
     assert meeting and all(c < 0.9999 for k, c in ladder if k < meeting[0])
     assert rep.final_cos in [c for _, _, c in rep.probes if c >= 0.9999]  # the chosen state was measured meeting
     assert rep.rounds == len(rep.probes) <= 6 + 4 * rep.states.bit_length()
-    assert {w for w, _, _ in rep.probes} <= {"fastest", "ladder", "8-bit", *(f"uniform {c}" for c in A.DEFAULT_CANDIDATES)}
+    assert {w for w, _, _ in rep.probes} <= {"fastest", "ladder", "8-bit", "most precise",
+                                            *(f"uniform {c}" for c in A.DEFAULT_CANDIDATES)}
 
 
 class _Fake:
@@ -369,3 +370,21 @@ def test_choose_not_fooled_by_a_measurement_floor():
     # the error-only ladder alone would have paid for bf16 layers
     ladder_meets = [k for w, k, cc in rep.probes if w == "ladder" and cc >= 0.9965]
     assert ladder_meets
+
+
+def test_choose_falls_back_to_the_most_precise_state():
+    """A layer whose single-layer error measured 0 is never moved by the ladder; when the whole model still misses
+    (here only all-bf16 meets, as with target 1.0), the most precise state is measured and taken."""
+    fmts = ["fp8-row", "int8-row", "bf16"]
+    rep = A.AutoquantReport(1.0, "generic", tuple(fmts))
+    rep.layers = [A.AutoLayer("a", (128, 128), "bf16", cos={"fp8-row": 1.0, "int8-row": 1.0, "bf16": 1.0}, order=list(fmts)),
+                  A.AutoLayer("b", (128, 128), "bf16", cos={"fp8-row": 0.99, "int8-row": 0.999, "bf16": 1.0}, order=list(fmts))]
+
+    def probe(label, k, formats):
+        c = 1.0 if all(f == "bf16" for f in formats) else 0.9999
+        rep.probes.append((label, k, c))
+        rep._probed.append((label, k, c, list(formats)))
+        return c
+
+    chosen, c = A._choose(rep, 1.0, probe)
+    assert chosen == ["bf16", "bf16"] and c == 1.0 and rep.probes[-1][0] == "most precise"

@@ -95,7 +95,8 @@ class AutoquantReport:
     the preset keeps in float (name, reason); ``speed_source``: where the speed estimates come from;
     ``est_speed``: the chosen layers' estimated linear speed vs bf16, weighted by N x K (None: no table);
     ``measured``: whether the per-layer sensitivity was measured (False: the fastest state met the target);
-    ``probes``: the whole-model measurements as (what: "fastest", "ladder", "8-bit" or "uniform <format>",
+    ``probes``: the whole-model measurements as (what: "fastest", "ladder", "8-bit", "uniform <format>" or
+    "most precise",
     state index in that sequence, cosine), in order; ``states``: the length of the ladder's sequence of states
     (0 when not built)."""
 
@@ -373,6 +374,10 @@ def _choose(report: AutoquantReport, target: float, probe, table: SpeedTable | N
         if probe(f"uniform {cand}", 0, uni) >= target:
             found.append(uni)
     cos_of = {tuple(f): c for _, _, c, f in report._probed}
+    top = [o[-1] for o in full]  # every layer in its most precise candidate (bf16, when a candidate)
+    if not found and tuple(top) not in cos_of:  # the ladder stops where no single-layer error can fall further
+        if probe("most precise", 0, top) >= target:
+            return top, report.probes[-1][2]
     if not found:
         return last
     best = min(found, key=total)
