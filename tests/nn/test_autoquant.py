@@ -388,3 +388,25 @@ def test_choose_falls_back_to_the_most_precise_state():
 
     chosen, c = A._choose(rep, 1.0, probe)
     assert chosen == ["bf16", "bf16"] and c == 1.0 and rep.probes[-1][0] == "most precise"
+
+
+@pytest.mark.parametrize("fail_at", [3, 7, 30, 40])
+def test_failing_forward_restores_float_model(trained, fail_at):
+    """A forward that fails mid-way (the fastest-state probe, the sensitivity pass, the search) leaves every
+    layer on its original float Parameter and raises the error."""
+    model, calib, _ = trained
+    m = copy.deepcopy(model)
+    before = dict(m.named_parameters())
+    calls = []
+
+    def fwd(mod, inp):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return mod(*inp)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        ditq.autoquant_(m, calib[:2], target_cos=0.9999, forward_fn=fwd, speed_table=TABLE)
+    assert len(calls) == fail_at
+    for n, p in m.named_parameters():
+        assert p is before[n], n

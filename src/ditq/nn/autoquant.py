@@ -286,6 +286,24 @@ def autoquant_(
             print(f"  autoquant probe: {label} state {k}, cos {c:.6f}")
         return c
 
+    try:
+        final = _assign(report, measured, target, sensitivity, reuse, apply, probe, model_cos, table, tokens, verbose)
+    except BaseException:  # a failing forward (OOM, Ctrl-C): the model goes back to its float weights
+        apply([FLOAT] * len(measured))
+        raise
+    apply(final[0])
+    for row, fmt in zip(report.layers, final[0]):
+        row.format = fmt
+    report.final_cos = final[1]
+    report.met = report.final_cos >= target
+    report.est_speed = mix_speed([(*r.shape, r.speed.get(r.format)) for r in report.layers])
+    if verbose:
+        print(report.summary())
+    return report
+
+
+def _assign(report, measured, target, sensitivity, reuse, apply, probe, model_cos, table, tokens, verbose):
+    """Steps 2-5 of the module docstring: (formats, measured cosine) of the chosen state."""
     # 2. the fastest state: all layers at their fastest candidate
     fastest = [r.order[0] for r in report.layers]
     cos0 = probe("fastest", 0, fastest)
@@ -310,15 +328,7 @@ def autoquant_(
         report.measured = True
         if cos0 < target:
             final = _choose(report, target, probe, table, tokens)
-    apply(final[0])
-    for row, fmt in zip(report.layers, final[0]):
-        row.format = fmt
-    report.final_cos = final[1]
-    report.met = report.final_cos >= target
-    report.est_speed = mix_speed([(*r.shape, r.speed.get(r.format)) for r in report.layers])
-    if verbose:
-        print(report.summary())
-    return report
+    return final
 
 
 def _check_sensitivity(sensitivity, cands) -> dict[str, dict[str, float | None]] | None:
