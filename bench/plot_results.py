@@ -1,9 +1,11 @@
 """The README's figures, drawn from the committed benchmark results (no GPU needed; needs matplotlib).
 
-    python bench/plot_results.py            # writes docs/img/gemm-h200.png and docs/img/autoquant-h200.png
+    python bench/plot_results.py    # writes docs/img/{gemm,model,autoquant}-h200.png
 
 - gemm: every format's full linear (activation quantization included) vs cuBLAS bf16 per benchmarked shape,
   eager and replayed as CUDA graphs, with issue 3's goals (``bench/results/gemm-h200.json``).
+- model: one full transformer forward per architecture, each format's eager speed vs bf16 eager and weight
+  memory vs bf16 (``bench/results/model-h200-round3-run1.json`` for Flux and Wan, ``model-others-h200.json``).
 - autoquant: speed vs bf16 against output cosine for bf16, each single format and autoquant at each target,
   Flux and Wan (``bench/results/autoquant-{flux,wan}-h200.json``).
 """
@@ -67,6 +69,52 @@ def gemm(path: Path, out: Path) -> Path:
     return out
 
 
+def model(paths: list[Path], out: Path) -> Path:
+    plt = _plt()
+    archs = []
+    for p in paths:
+        d = json.loads(p.read_text())
+        for name, a in d["archs"].items():
+            eager = [r for r in a.get("results", []) if r.get("mode", "eager") == "eager" and r.get("median_ms")]
+            base = next((r for r in eager if r["variant"] == "bf16"), None)
+            if base:
+                archs.append((a.get("describe", name).replace(" transformer", ""), base, eager, d.get("gpu", "GPU ?")))
+    variants = ["int8-row", "fp8-row", "fp8-row+attn"]
+    colors = {"int8-row": COLORS["int8-row"], "fp8-row": COLORS["fp8-row"], "fp8-row+attn": "#8c564b"}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        xs, ys, ws = [], [], []
+        for j, (_, base, eager, _) in enumerate(archs):
+            r = next((r for r in eager if r["variant"] == v), None)
+            if r:
+                xs.append(j + (i - (len(variants) - 1) / 2) * width)
+                ys.append(base["median_ms"] / r["median_ms"])
+                ws.append((j, r.get("weight_gb", math.nan) / base.get("weight_gb", math.nan)))
+        ax.bar(xs, ys, width, label=v + (" (+ ditq INT8 attention)" if v.endswith("+attn") else ""), color=colors[v])
+        if v != "fp8-row+attn":
+            ax2.bar([j + (i - 0.5) * 0.4 for j, _ in ws], [w for _, w in ws], 0.4, label=v, color=colors[v])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(1.4, color="gray", lw=0.8, ls="--")
+    ax.text(len(archs) - 0.5, 1.41, "goal 1.4x", fontsize=7, color="gray", ha="right")
+    ax.set_xticks(range(len(archs)), [a[0] for a in archs], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("forward speed vs bf16 (eager)")
+    ax.set_ylim(0.8, 1.5)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("one full-size transformer forward", fontsize=10)
+    ax2.set_xticks(range(len(archs)), [a[0] for a in archs], rotation=20, ha="right", fontsize=8)
+    ax2.set_ylabel("weight memory vs bf16")
+    ax2.set_ylim(0, 1.05)
+    ax2.axhline(0.5, color="gray", lw=0.8, ls=":")
+    ax2.set_title("weights (preset keeps norms / embeddings in bf16)", fontsize=10)
+    fig.suptitle(f"ditq runtime, {archs[0][3] if archs else ''} (seeded random weights, published configs)", fontsize=11)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def autoquant(paths: list[Path], out: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, len(paths), figsize=(6.5 * len(paths), 4.6))
@@ -118,6 +166,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     res, img = Path(a.results), Path(a.out)
     made = [gemm(res / "gemm-h200.json", img / "gemm-h200.png"),
+            model([res / "model-h200-round3-run1.json", res / "model-others-h200.json"], img / "model-h200.png"),
             autoquant([res / "autoquant-flux-h200.json", res / "autoquant-wan-h200.json"], img / "autoquant-h200.png")]
     for m in made:
         print(f"wrote {m} ({m.stat().st_size / 1e3:.0f} kB)")

@@ -22,7 +22,7 @@ def _load():
 def test_figures_from_committed_results(tmp_path):
     mod = _load()
     assert mod.main(["--out", str(tmp_path)]) == 0
-    for name in ("gemm-h200.png", "autoquant-h200.png"):
+    for name in ("gemm-h200.png", "model-h200.png", "autoquant-h200.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, name
     # another result changes the figure (it is drawn from the data, not fixed)
