@@ -37,6 +37,18 @@ def _plt():
     return plt
 
 
+def _save(fig, title: str, out: Path) -> Path:
+    """Title, tight layout, PNG at ``out`` (its folder made), figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def gemm(path: Path, out: Path) -> Path:
     plt = _plt()
     d = json.loads(path.read_text())
@@ -60,13 +72,8 @@ def gemm(path: Path, out: Path) -> Path:
         ax.set_ylim(0, 2.1)
     axes[0].legend(ncol=5, fontsize=8, loc="upper left")
     axes[1].set_xticks(range(len(shapes)), labels, rotation=45, ha="right", fontsize=8)
-    fig.suptitle(f"ditq quantized linear (activation quantization + GEMM + bias) vs cuBLAS bf16, {d.get('gpu', 'GPU ?')}, "
-                 f"M x N x K", fontsize=11)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, f"ditq quantized linear (activation quantization + GEMM + bias) vs cuBLAS bf16, {d.get('gpu', 'GPU ?')}, "
+                 f"M x N x K", out)
 
 
 def model(paths: list[Path], out: Path) -> Path:
@@ -107,12 +114,7 @@ def model(paths: list[Path], out: Path) -> Path:
     ax2.set_ylim(0, 1.05)
     ax2.axhline(0.5, color="gray", lw=0.8, ls=":")
     ax2.set_title("weights (preset keeps norms / embeddings in bf16)", fontsize=10)
-    fig.suptitle(f"ditq runtime, {archs[0][3] if archs else ''} (seeded random weights, published configs)", fontsize=11)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, f"ditq runtime, {archs[0][3] if archs else ''} (seeded random weights, published configs)", out)
 
 
 def autoquant(paths: list[Path], out: Path) -> Path:
@@ -149,12 +151,7 @@ def autoquant(paths: list[Path], out: Path) -> Path:
         ax.set_ylim(0.98, max(r.get("speedup_vs_bf16", 1) for r in d["results"]) + 0.05)
         ax.set_title(f"{d['describe']}\n{d['inputs']}, {d['gpu']}", fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle("autoquant_ vs single formats (stars: autoquant at each target; dashed: the targets)", fontsize=11)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, "autoquant_ vs single formats (stars: autoquant at each target; dashed: the targets)", out)
 
 
 def main(argv=None) -> int:
