@@ -358,7 +358,6 @@ def test_choose_not_fooled_by_a_measurement_floor():
     def probe(label, k, formats):
         c = 1.0 - sum(true[f] for f in formats)  # the whole model: the real errors add
         rep.probes.append((label, k, c))
-        rep._probed.append((label, k, c, list(formats)))
         return c
 
     chosen, c = A._choose(rep, 0.9965, probe)  # no speed table: candidates' ranks stand in for times
@@ -383,7 +382,6 @@ def test_choose_falls_back_to_the_most_precise_state():
     def probe(label, k, formats):
         c = 1.0 if all(f == "bf16" for f in formats) else 0.9999
         rep.probes.append((label, k, c))
-        rep._probed.append((label, k, c, list(formats)))
         return c
 
     chosen, c = A._choose(rep, 1.0, probe)

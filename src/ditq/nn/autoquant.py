@@ -114,7 +114,6 @@ class AutoquantReport:
     measured: bool = False
     probes: list[tuple[str, int, float]] = field(default_factory=list)
     states: int = 0
-    _probed: list = field(default_factory=list, repr=False)
 
     @property
     def choices(self) -> dict[str, str]:
@@ -123,9 +122,7 @@ class AutoquantReport:
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
-        d = asdict(self)
-        d.pop("_probed", None)
-        return d
+        return asdict(self)
 
     def summary(self) -> str:
         cands = [c for c in self.candidates if c != FLOAT]
@@ -281,7 +278,6 @@ def autoquant_(
         report.rounds += 1
         c = model_cos()
         report.probes.append((label, k, c))
-        report._probed.append((label, k, c, list(formats)))
         if verbose:
             print(f"  autoquant probe: {label} state {k}, cos {c:.6f}")
         return c
@@ -327,7 +323,7 @@ def _assign(report, measured, target, sensitivity, reuse, apply, probe, model_co
                 print(f"  {name}: " + ", ".join(f"{k} {v:.6f}" for k, v in row.cos.items() if v is not None))
         report.measured = True
         if cos0 < target:
-            final = _choose(report, target, probe, table, tokens)
+            final = _choose(report, target, probe, table, tokens, known={tuple(fastest): cos0})
     return final
 
 
@@ -347,7 +343,7 @@ def _check_sensitivity(sensitivity, cands) -> dict[str, dict[str, float | None]]
 
 
 def _choose(report: AutoquantReport, target: float, probe, table: SpeedTable | None = None,
-            tokens: int = DEFAULT_TOKENS) -> tuple[list[str], float]:
+            tokens: int = DEFAULT_TOKENS, known: dict | None = None) -> tuple[list[str], float]:
     """The fastest (by the speed table's estimate) of the measured states that meet ``target``: the first
     meeting state of the ladder over all candidates (``_search``), the same over the 8-bit candidates only (no
     layer to bf16), and each uniform state (one 8-bit candidate on every layer it applies to, the most precise
@@ -356,7 +352,8 @@ def _choose(report: AutoquantReport, target: float, probe, table: SpeedTable | N
     layer within ~10% of the others, falling with depth: bf16 rounding downstream decorrelates from the
     reference whatever the change), which makes bf16 look like the only real improvement; the 8-bit ladder
     and the uniform states keep autoquant at least as fast as the best single format that meets the target on
-    the calibration inputs. Returns (formats, measured cosine); none meeting: the most precise state."""
+    the calibration inputs. ``probe(label, k, formats) -> cosine``; ``known``: {tuple(formats): cosine} already
+    measured. Returns (formats, measured cosine); none meeting: the most precise state."""
     layers = report.layers
     costs = [layer_costs(table, r.order, *r.shape, tokens) for r in layers] if table is not None else [None]
     if any(c is None for c in costs):  # no table: the candidates' ranks stand in for their times
@@ -366,32 +363,33 @@ def _choose(report: AutoquantReport, target: float, probe, table: SpeedTable | N
     def total(formats) -> float:
         return sum(c[f] for c, f in zip(costs, formats))
 
+    measured = dict(known or {})  # tuple(formats) -> cosine
+
+    def run(label: str, k: int, formats) -> float:
+        measured[tuple(formats)] = c = probe(label, k, formats)
+        return c
+
     full = [r.order for r in layers]
-    found = []
-    fmts, cos, report.states = _search(full, errors, costs, target, lambda k, f: probe("ladder", k, f))
+    fmts, cos, report.states = _search(full, errors, costs, target, lambda k, f: run("ladder", k, f))
     last = (fmts, cos)
-    if cos >= target:
-        found.append(fmts)
+    found = [fmts] if cos >= target else []  # the states that may be chosen: each was measured meeting
     eight = [[c for c in o if c != FLOAT] or o for o in full]
     if eight != full:
-        fmts, cos, _ = _search(eight, errors, costs, target, lambda k, f: probe("8-bit", k, f))
-        if cos >= target:
-            found.append(fmts)
+        fmts, cos, _ = _search(eight, errors, costs, target, lambda k, f: run("8-bit", k, f))
+        found += [fmts] if cos >= target else []
     for cand in [c for c in report.candidates if c != FLOAT]:
         uni = [cand if cand in o else o[-1] for o in full]
         if uni in found or (found and total(uni) >= min(map(total, found))):
             continue
-        if probe(f"uniform {cand}", 0, uni) >= target:
+        if run(f"uniform {cand}", 0, uni) >= target:
             found.append(uni)
-    cos_of = {tuple(f): c for _, _, c, f in report._probed}
     top = [o[-1] for o in full]  # every layer in its most precise candidate (bf16, when a candidate)
-    if not found and tuple(top) not in cos_of:  # the ladder stops where no single-layer error can fall further
-        if probe("most precise", 0, top) >= target:
-            return top, report.probes[-1][2]
+    if not found and tuple(top) not in measured and run("most precise", 0, top) >= target:
+        found.append(top)  # the ladder stops where no single-layer error can fall further
     if not found:
         return last
     best = min(found, key=total)
-    return best, cos_of[tuple(best)]
+    return best, measured[tuple(best)]
 
 
 def _search(options, errors, costs, target: float, probe) -> tuple[list[str], float, int]:
