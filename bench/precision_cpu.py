@@ -34,7 +34,6 @@ def main(argv=None) -> int:
     from ditq.precision import cosine
     from ditq.tensor import QuantizedTensor
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(a.out or tempfile.mkdtemp(prefix="ditq-precision-"))
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

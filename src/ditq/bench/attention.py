@@ -125,19 +125,10 @@ def _bench(fn, rep):
 def _graph_ms(fn, rep):
     """Median time of one replay of ``fn`` captured in a CUDA graph: the GPU's time without the host's
     launch cost (which do_bench's eager timing includes wherever the host is slower than the GPU)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up off the capturing stream, as capture requires
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    try:
+    from .timing import captured
+
+    with captured(fn, warmup=1) as g:
         return _bench(g.replay, rep)
-    finally:
-        del g
-        torch.cuda.empty_cache()
 
 
 def _host_ms(fn, n=10):

@@ -324,14 +324,12 @@ def _auto_name(t: float, targets) -> str:
     return "autoquant" if t == targets[0] else f"autoquant@{t}"
 
 
-def compare_to_best(results: list[dict], target: float | None = None, auto_name: str = "autoquant") -> dict:
-    """The best single format meeting ``target`` (default: each row's primary ``meets_target``; fastest median
-    eager; also by graph time where there is one) and the autoquant row ``auto_name``'s ratio to it: best ms /
-    autoquant ms (>= 1: autoquant at least as fast)."""
-    def meets(r):
-        return r.get("meets", {}).get(str(target), False) if target is not None else r.get("meets_target")
-
-    ok = [r for r in results if r["variant"] != "bf16" and not r["variant"].startswith("autoquant") and meets(r)]
+def compare_to_best(results: list[dict], target: float, auto_name: str = "autoquant") -> dict:
+    """The best single format meeting ``target`` (fastest median eager; also by graph time where there is one)
+    and the autoquant row ``auto_name``'s ratio to it: best ms / autoquant ms (>= 1: autoquant at least as
+    fast)."""
+    ok = [r for r in results if r["variant"] != "bf16" and not r["variant"].startswith("autoquant")
+          and r.get("meets", {}).get(str(target), False)]
     auto = next((r for r in results if r["variant"] == auto_name and "median_ms" in r), None)
     d: dict = {"best_single": None, "best_single_graph": None, "autoquant_vs_best_single": None,
                "autoquant_vs_best_single_graph": None}

@@ -86,19 +86,10 @@ def _geomean(v):
 
 def _graph_ms(fn, bench) -> float:
     """Time of ``fn`` replayed from a CUDA graph: the GPU time with the host's launch cost taken out."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    try:
+    from .timing import captured
+
+    with captured(fn) as g:
         return bench(g.replay)
-    finally:
-        g.reset()
 
 
 def _copy_bandwidth(bench) -> float:

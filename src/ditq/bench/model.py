@@ -327,16 +327,9 @@ def graph_times(fn, reps: int) -> list[float]:
     """Times in ms of ``reps`` replays of one CUDA graph that captured a whole call of ``fn`` (GPU time with no
     host work between kernels: what a captured pipeline, or reduce-overhead compilation of the whole model,
     sees). Raises where ``fn`` cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            fn()
+    from .timing import captured
+
+    with captured(fn) as g:
         g.replay()
         torch.cuda.synchronize()
         times = []
@@ -348,9 +341,6 @@ def graph_times(fn, reps: int) -> list[float]:
             b.synchronize()
             times.append(a.elapsed_time(b))
         return times
-    finally:
-        del g
-        torch.cuda.empty_cache()
 
 
 def forward_peak(fn, device):
