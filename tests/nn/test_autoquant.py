@@ -188,6 +188,12 @@ def test_fastest_state_meeting_target_needs_no_sensitivity(trained):
     assert rep.final_cos == pytest.approx(model_cos(m, model, calib[:2]), abs=1e-6)
     assert all(r.cos.get("fp8-row") is None and r.error is None for r in rep.layers)
     assert "not measured" in str(rep)
+    # without speed_table: the shipped GEMM benchmark ranks each layer's candidates
+    table = A.SpeedTable.load()
+    assert rep.speed_source == table.describe()
+    for r in rep.layers:
+        assert r.order == table.order([c for c in A.DEFAULT_CANDIDATES], *r.shape)
+        assert r.speed == {c: table.speed(c, *r.shape).ratio for c in r.order}
 
 
 def test_search_finds_first_meeting_probe(runs):
