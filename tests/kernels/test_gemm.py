@@ -85,6 +85,49 @@ def test_scaled_mm_default_config_no_bias_fp16_strided_x(fmt, poisoned, seed):
     assert err < tol(f, torch.float16), f"seed {seed}: {err:.2e}"
 
 
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("case", ["all", "mixed"])
+def test_scaled_mm_tail_split(fmt, case, poisoned, seed):
+    """The last wave's tiles split over K (tail_split): each slice's accumulator goes through the workspace and
+    the last program of a tile sums them. int8-row sums exact int32 partials, so it equals the unsplit result
+    bit for bit; the others sum fp32 partials in a fixed order (same bounds). Twice in a row: the counters
+    must be back at zero after each launch. "all": every tile split (fewer tiles than slots); "mixed": one
+    more row of tiles than the slots hold, so whole tiles and split ones."""
+    f = F.get_format(fmt)
+    cfg = Config(32, 128 if f.is_block else 32, 128 if f.is_block else 64, 4, 4, 1, tma=not f.is_block,
+                 dot2=f.is_block, tail_split=4)  # fmt: skip
+    n, k = (256, 640) if f.is_block else (75, 520)
+    slots = G._num_sms(torch.device(DEV)) * G.ctas_per_sm(cfg)
+    m = 37 if case == "all" else cfg.block_m * (slots // -(-n // cfg.block_n) + 1)
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    n_dp, s, k_slice = G.tail_split(tiles, k, cfg, slots)
+    assert s >= 2 and (n_dp == 0) == (case == "all"), (tiles, slots, n_dp, s)  # the split this test is about
+    xq, xs, wq, ws = _operands(fmt, m, n, k)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    plain = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.float32, config=Config(*cfg.as_list()[:12]))
+    ref = _ref(xq, xs, wq, ws, f, bias)
+    for _ in range(2):
+        y = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.float32, config=cfg)
+        if fmt == "int8-row":
+            assert torch.equal(y, plain), f"seed {seed}"
+        err = F.relative_error(y, ref)
+        assert err < tol(f, torch.float32), f"seed {seed}: rel err {err:.2e}"
+    _, counters = G.tail_buffers(torch.device(DEV), cfg)
+    assert counters.count_nonzero().item() == 0
+
+
+def test_tail_split_choice():
+    """Whole waves are left alone; a partial wave is split so it fits the slots, each slice >= 2 K steps."""
+    c = Config(128, 256, 128, 8, 8, 4, tail_split=4)
+    assert G.tail_split(396, 3072, c, 132) == (396, 1, 3072)  # 3 whole waves
+    assert G.tail_split(432, 3072, c, 132) == (396, 3, 1024)  # 36 tiles left: 3 slices of 8 K steps
+    assert G.tail_split(432, 512, c, 132) == (396, 2, 256)  # 4 K steps: at most 2 slices
+    assert G.tail_split(432, 256, c, 132) == (432, 1, 256)
+    assert G.tail_split(500, 3072, c, 132) == (500, 1, 3072)  # 104 left: no room for 2 slices each
+    assert G.tail_split(432, 3072, Config(128, 256, 128, 8, 8, 4), 132) == (432, 1, 3072)  # tail_split off
+    assert G.ctas_per_sm(c) == 1 and G.ctas_per_sm(Config(64, 128, 128, 8, 4, 4)) == 2
+
+
 def test_scaled_mm_magic_promotion_extremes(poisoned):
     """Largest int32 partial of one K block (128 * 127 * 127): the bit-trick promotion stays exact."""
     m, n, k = 16, 128, 256

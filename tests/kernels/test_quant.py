@@ -57,6 +57,22 @@ def test_act_quant_matches_reference(fmt, dtype, layout, poisoned, seed):
     assert (q2.view(torch.int8) != qr.view(torch.int8)).float().mean().item() <= 5e-3, f"seed {seed}"
 
 
+@pytest.mark.parametrize("fmt", ["int8-row", "fp8-row"])
+@pytest.mark.parametrize("rows", [2, 4])
+def test_act_quant_several_rows_per_program(fmt, rows, poisoned, seed):
+    """The per-token kernel with several rows per program (the last program's extra rows masked): same q and
+    scales as the reference, rows in any layout."""
+    f = F.get_format(fmt)
+    for layout in ("contiguous", "sliced"):
+        x = _act(37, 203, torch.bfloat16, layout)
+        qr, sr = F.quantize_activation_ref(x, f)
+        q = Q.empty((37, 203), f.storage, x.device)
+        s = Q.empty((37, 1), torch.float32, x.device)
+        Q.launch(Q.act_quant_spec(x, q, s, f, True, config=(rows, 4)))
+        assert torch.equal(s, sr), f"seed {seed}: scales differ"
+        assert torch.equal(q.view(torch.int8), qr.view(torch.int8)), f"seed {seed} {layout}"
+
+
 def test_act_quant_wide_rows_two_passes(poisoned, seed):
     """Rows wider than one register pass (K > 16384) take the amax-then-quantize loop."""
     x = torch.randn(3, Q._MAX_ROW + 77, device=DEV)

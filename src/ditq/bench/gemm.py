@@ -10,15 +10,18 @@ column "<format> fused"). Checks correctness first (every format, every shape, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 
 import torch
 
 from .. import formats as F
+from .timing import captured
 
 SHAPES = (
     [("flux", 4608, n, k) for n, k in ((3072, 3072), (12288, 3072), (3072, 12288), (3072, 15360))]
@@ -73,7 +76,10 @@ def add_arguments(p) -> None:
     p.add_argument("--tune", action="store_true", help="search GEMM configs per (format, shape) before timing")
     p.add_argument("--configs-out", metavar="PATH", help="with --tune: write the winners here")
     p.add_argument("--formats", default=",".join(FMTS), help="comma-separated formats (default: all five)")
-    p.add_argument("--rep", type=int, default=100, help="do_bench rep in ms per timing (default 100)")
+    p.add_argument("--rep", type=int, default=30, help="do_bench rep in ms per timing and round (default 30; at least "
+                   "8 calls)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per shape; ratios are medians "
+                   "of the per-round ratios (default 3)")
     p.add_argument("--no-shapes", action="store_true", help="skip the GEMM shape table (host/small-M/compile only)")
     p.add_argument("--wo-sweep", action="store_true", help="also sweep the weight-only kernel's configurations")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
@@ -86,10 +92,25 @@ def _geomean(v):
 
 def _graph_ms(fn, bench) -> float:
     """Time of ``fn`` replayed from a CUDA graph: the GPU time with the host's launch cost taken out."""
-    from .timing import captured
-
     with captured(fn) as g:
         return bench(g.replay)
+
+
+def _interleaved(fns: dict, bench, rounds: int) -> dict:
+    """{name: [time per round]}: each round times every function once, in order. The GPU's clocks drift with
+    its power and temperature over seconds (bench/NOTES.md, round 5), so a baseline timed once, before its
+    variants, biases their ratios; in rounds both sides of a ratio see the same drift."""
+    out = {v: [] for v in fns}
+    for _ in range(rounds):
+        for v, fn in fns.items():
+            out[v].append(bench(fn))
+    return out
+
+
+def _round_ratios(times: dict) -> dict:
+    """{name: median over rounds of (bf16 time / this time) in the same round}."""
+    base = times["bf16"]
+    return {v: statistics.median(b / t for b, t in zip(base, ts)) for v, ts in times.items()}
 
 
 def _copy_bandwidth(bench) -> float:
@@ -297,7 +318,8 @@ def main(args) -> int:
     print(f"# {gpu}  torch {torch.__version__}  triton {triton.__version__}  python {platform.python_version()}")
 
     def bench(fn, rep=args.rep):
-        return do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median")
+        est = do_bench(fn, warmup=2, rep=2, return_mode="median")  # large shapes: at least 8 timed calls
+        return do_bench(fn, warmup=max(5, rep // 4), rep=max(rep, 8 * est), return_mode="median")
 
     torch.manual_seed(0)
     report = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
@@ -362,37 +384,47 @@ def main(args) -> int:
                     failures += 1
                     print(f"FAIL {fmt} fused {m}x{n}x{k}: rel err vs reference {e_fused:.2e}")
             del y_ref
-        # ---- timing
-        row["ms"]["bf16"] = bench(lambda: torch.nn.functional.linear(x, w, bias))
+        # ---- timing: interleaved rounds (every variant of the shape once per round, bf16 first)
+        fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias)}
         xi8, _ = ops.act_quant(x, "int8-row")
         wi8 = wqs.get("int8-row", ops.quant_weight(w, "int8-row"))[0]
         try:
-            row["ms"]["torch._int_mm"] = bench(lambda: torch._int_mm(xi8, wi8.t()))
+            torch._int_mm(xi8, wi8.t())
+            fns["torch._int_mm"] = lambda: torch._int_mm(xi8, wi8.t())
         except RuntimeError as e:
             print(f"  torch._int_mm {m}x{n}x{k}: {e}")
         xf8, xs8 = ops.act_quant(x, "fp8-row")
         wf8, ws8 = wqs.get("fp8-row", ops.quant_weight(w, "fp8-row"))
         wsT = ws8.reshape(1, n)
         try:
-            row["ms"]["torch._scaled_mm"] = bench(
-                lambda: torch._scaled_mm(xf8, wf8.t(), scale_a=xs8, scale_b=wsT, bias=bias, out_dtype=torch.bfloat16)
-            )
+            torch._scaled_mm(xf8, wf8.t(), scale_a=xs8, scale_b=wsT, bias=bias, out_dtype=torch.bfloat16)
+            fns["torch._scaled_mm"] = lambda: torch._scaled_mm(xf8, wf8.t(), scale_a=xs8, scale_b=wsT, bias=bias,
+                                                               out_dtype=torch.bfloat16)  # fmt: skip
         except RuntimeError as e:
             print(f"  torch._scaled_mm {m}x{n}x{k}: {e}")
-        row["graph_ms"] = {"bf16": _graph_ms(lambda: torch.nn.functional.linear(x, w, bias), bench)}
+        gemm_fns, graph_fns = {}, {"bf16": fns["bf16"]}
         for fmt in fmts:
             wq, ws = wqs[fmt]
-            row["ms"][fmt] = bench(lambda: ops.linear(x, wq, ws, fmt, bias))
+            fns[fmt] = graph_fns[fmt] = lambda wq=wq, ws=ws, fmt=fmt: ops.linear(x, wq, ws, fmt, bias)
             if F.get_format(fmt).is_block:
-                row["ms"][f"{fmt} fused"] = bench(lambda: FU.fused_linear(x, wq, ws, fmt, bias))
-            row["graph_ms"][fmt] = _graph_ms(lambda: ops.linear(x, wq, ws, fmt, bias), bench)
+                fns[f"{fmt} fused"] = lambda wq=wq, ws=ws, fmt=fmt: FU.fused_linear(x, wq, ws, fmt, bias)
             xq, xs = ops.act_quant(x, fmt)
-            row["gemm_ms"][fmt] = bench(lambda: ops.scaled_mm(xq, xs, wq, ws, fmt, bias, torch.bfloat16))
+            gemm_fns[fmt] = (lambda xq=xq, xs=xs, wq=wq, ws=ws, fmt=fmt:
+                             ops.scaled_mm(xq, xs, wq, ws, fmt, bias, torch.bfloat16))  # fmt: skip
             row.setdefault("config", {})[fmt] = CF.get_config(fmt, m, n, k).as_list()
+        row["rounds"] = _interleaved(fns, bench, args.rounds)
+        row["rounds_gemm"] = _interleaved({"bf16": fns["bf16"], **gemm_fns}, bench, args.rounds)
+        with contextlib.ExitStack() as stack:  # every graph captured first, then replayed in rounds
+            graphs = {v: stack.enter_context(captured(fn)).replay for v, fn in graph_fns.items()}
+            row["rounds_graph"] = _interleaved(graphs, bench, args.rounds)
+        row["ms"] = {v: statistics.median(t) for v, t in row["rounds"].items()}
+        row["gemm_ms"] = {v: statistics.median(t) for v, t in row["rounds_gemm"].items() if v != "bf16"}
+        row["graph_ms"] = {v: statistics.median(t) for v, t in row["rounds_graph"].items()}
         row["bf16_TFLOPs"] = flops / row["ms"]["bf16"] / 1e9
-        row["ratio"] = {v: row["ms"]["bf16"] / t for v, t in row["ms"].items()}
-        row["gemm_ratio"] = {v: row["ms"]["bf16"] / t for v, t in row["gemm_ms"].items()}
-        row["graph_ratio"] = {v: row["graph_ms"]["bf16"] / t for v, t in row["graph_ms"].items()}
+        row["bf16_spread"] = max(row["rounds"]["bf16"]) / min(row["rounds"]["bf16"]) - 1
+        row["ratio"] = _round_ratios(row["rounds"])
+        row["gemm_ratio"] = {v: r for v, r in _round_ratios(row["rounds_gemm"]).items() if v != "bf16"}
+        row["graph_ratio"] = _round_ratios(row["rounds_graph"])
         report["shapes"].append(row)
         r = row["ratio"]
         print(f"{tag:8s} {m:6d} {n:6d} {k:6d} bf16 {row['bf16_TFLOPs']:5.0f} TF/s | "

@@ -65,16 +65,18 @@ class Config:
     persistent: bool = False  # one program per SM looping over tiles (TMA only): next loads overlap the epilogue
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); lets more programs share an SM
     split_k: int = 1  # weight-only kernel: programs per output tile, each over a K slice (last one reduces)
+    tail_split: int = 0  # W8A8 GEMM: split the tiles of the last, partial wave over K into up to this many slices
 
     def as_list(self) -> list:
         return [self.block_m, self.block_n, self.block_k, self.group_m, self.num_warps, self.num_stages,
                 int(self.tma), int(self.dot2), int(self.magic_i2f), int(self.persistent), self.maxnreg,
-                self.split_k]  # fmt: skip
+                self.split_k, self.tail_split]  # fmt: skip
 
     @classmethod
     def from_list(cls, v) -> "Config":
         v = list(v) + [0] * (11 - len(v))
-        return cls(*v[:6], *(bool(b) for b in v[6:10]), int(v[10]), int(v[11]) if len(v) > 11 else 1)
+        return cls(*v[:6], *(bool(b) for b in v[6:10]), int(v[10]), int(v[11]) if len(v) > 11 else 1,
+                   int(v[12]) if len(v) > 12 else 0)
 
 
 @triton.jit
@@ -233,10 +235,10 @@ def _scaled_mm_persistent_kernel(
                   BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["M"])  # M changes call to call; one compiled kernel serves every M
+@triton.jit(do_not_specialize=["M", "n_dp"])  # M changes call to call; one compiled kernel serves every M
 def _scaled_mm_kernel(
-    x_ptr, x_desc, w_ptr, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, xa_ptr, lb_ptr,
-    M, N, K,
+    x_ptr, x_desc, w_ptr, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, xa_ptr, lb_ptr, part_ptr, count_ptr,
+    M, N, K, n_dp, tail_s, k_slice,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om,
     stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_xam, stride_lbn,
     IS_INT: tl.constexpr, BLOCK_SCALED: tl.constexpr, W_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -244,20 +246,39 @@ def _scaled_mm_kernel(
     MANUAL_RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     LORA_RANK: tl.constexpr, LORA_R: tl.constexpr, LORA_CHUNK: tl.constexpr,
-    LORA_F32: tl.constexpr,
+    LORA_F32: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    off_m, off_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """One program per output tile. TAIL: the first ``n_dp`` programs are whole tiles; the tiles after them
+    (those of the grid's last, partial wave) are split over K into ``tail_s`` slices of ``k_slice`` each, one
+    program per slice: each stores its raw accumulator in part [tail tiles * tail_s, BLOCK_M, BLOCK_N] and
+    counts itself in count [tail tiles]; the last to arrive sums the slices in order (int32: exact, so the
+    result is the unsplit one; fp32: a fixed order), finishes the tile and sets its counter back to 0."""
+    pid = tl.program_id(0)
+    if TAIL:
+        j = tl.maximum(pid - n_dp, 0)
+        t_tail = j // tail_s
+        s_tail = j - t_tail * tail_s
+        in_tail = pid >= n_dp
+        tile = tl.where(in_tail, n_dp + t_tail, pid)
+        k_lo = tl.where(in_tail, s_tail * k_slice, 0)
+        k_hi = tl.where(in_tail, tl.minimum(k_lo + k_slice, K), K)
+    else:
+        tile = pid
+        k_lo = 0
+        k_hi = K
+    off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = off_m + tl.arange(0, BLOCK_M)
     dot_ty = tl.int32 if IS_INT else tl.float32
 
     if BLOCK_SCALED:
         # BLOCK_K == 128 and 128 % BLOCK_N == 0: one w scale per (tile, K block), x scale per (row, K block)
-        n_kb = K // BLOCK_K
+        kb_lo = k_lo // BLOCK_K
+        kb_hi = k_hi // BLOCK_K
         xs_row = xs_ptr + (rm % M).to(tl.int64) * stride_xsm
         ws_row = ws_ptr + (off_n // 128) * stride_wsn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if DOT2:  # two independent products in flight: one is promoted while the other runs
-            for kb in range(0, n_kb - 1, 2):
+            for kb in range(kb_lo, kb_hi - 1, 2):
                 a0, b0 = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, kb * BLOCK_K, M, N, K,
                                      stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
                                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
@@ -270,28 +291,48 @@ def _scaled_mm_kernel(
                 s1 = tl.load(xs_row + (kb + 1) * stride_xsk) * tl.load(ws_row + (kb + 1) * stride_wsk)
                 acc += _promote(p0, IS_INT, MAGIC_I2F) * s0[:, None]
                 acc += _promote(p1, IS_INT, MAGIC_I2F) * s1[:, None]
-            if n_kb % 2 == 1:
-                kb = n_kb - 1
+            if (kb_hi - kb_lo) % 2 == 1:
+                kb = kb_hi - 1
                 a0, b0 = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, kb * BLOCK_K, M, N, K,
                                      stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
                                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
                 acc = _block_scaled_step(acc, a0, b0, xs_row, ws_row, kb, stride_xsk, stride_wsk, IS_INT, MAGIC_I2F)
         else:
-            for kb in range(0, n_kb):
+            for kb in range(kb_lo, kb_hi):
                 a, b = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, kb * BLOCK_K, M, N, K,
                                    stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, True,
                                    BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
                 acc = _block_scaled_step(acc, a, b, xs_row, ws_row, kb, stride_xsk, stride_wsk, IS_INT, MAGIC_I2F)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=dot_ty)
-        for k in range(0, K, BLOCK_K):
+        for k in range(k_lo, k_hi, BLOCK_K):
             a, b = _load_tiles(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, k, M, N, K,
                                stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, EVEN_K,
                                BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=dot_ty)
-    _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
-              xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
-              BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
+    if TAIL:
+        if in_tail:
+            sub = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            part = part_ptr + (t_tail * tail_s).to(tl.int64) * (BLOCK_M * BLOCK_N) + sub
+            tl.store(part + s_tail * (BLOCK_M * BLOCK_N), acc)
+            tl.debug_barrier()  # every thread's slice is written before the release below
+            arrived = tl.atomic_add(count_ptr + t_tail, 1, sem="acq_rel", scope="gpu")
+            if arrived == tail_s - 1:
+                total = tl.load(part, cache_modifier=".cg")  # .cg: the other programs' slices from L2, not L1
+                for j2 in range(1, tail_s):
+                    total += tl.load(part + j2 * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + t_tail, 0, sem="relaxed", scope="gpu")
+                _epilogue(total, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm,
+                          stride_wsn, xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS,
+                          MANUAL_RNE, BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
+        else:
+            _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
+                      xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
+                      BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
+    else:
+        _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
+                  xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
+                  BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
 
 
 _SMS: dict = {}
@@ -367,10 +408,66 @@ def _lora_args(lora, c: Config) -> tuple[tuple, dict, tuple | None]:
     return (xa, lb, sa, sb), consts, key
 
 
-def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config, lora=None) -> _quant.Spec:
+def ctas_per_sm(c: Config) -> int:
+    """Programs of configuration ``c`` one SM holds at once (Hopper: 227 KiB of shared memory, 64 warps and
+    64K registers per SM), estimated from the stage buffers and the accumulator's registers."""
+    smem = c.num_stages * (c.block_m + c.block_n) * c.block_k + 1024
+    regs = min(255, c.block_m * c.block_n // (32 * c.num_warps) + 48)
+    return max(1, min(SMEM_BYTES // smem, 64 // c.num_warps, 65536 // (regs * 32 * c.num_warps)))
+
+
+def tail_split(tiles: int, k: int, c: Config, slots: int) -> tuple[int, int, int]:
+    """(whole tiles, slices per tail tile, K per slice) for a grid of ``tiles`` on ``slots`` concurrent programs:
+    the ``tiles % slots`` tiles of the last, partial wave are split over K into up to ``c.tail_split`` slices
+    (each at least two K steps, at most ``slots`` programs in that wave), so that wave ends sooner. No split:
+    (tiles, 1, k)."""
+    r = tiles % slots
+    steps = triton.cdiv(k, c.block_k)
+    s = min(c.tail_split, slots // r if r else 0, steps // 2)
+    if s < 2:
+        return tiles, 1, k
+    k_slice = triton.cdiv(steps, s) * c.block_k
+    return tiles - r, triton.cdiv(k, k_slice), k_slice
+
+
+_TAIL_WORKSPACE: dict = {}
+
+
+def tail_buffers(device: torch.device, c: Config, kept: bool = True):
+    """(slices [slots, block_m, block_n] as raw 4-byte words, counters int32 [slots] all zero) for tail-split
+    launches of ``c``, slots = the programs the device holds at once. ``kept`` and no CUDA graph being captured:
+    kept per device, stream and tile (launches on one stream run one after another, and each leaves the
+    counters at zero; never evicted: launch plans hold the addresses, ``ops.clear_plans`` drops them). Else
+    fresh ones (a graph's own, zeroed by a memset node: nothing is shared with launches outside it)."""
+    slots = _num_sms(device) * ctas_per_sm(c)
+    shape = (slots, c.block_m, c.block_n)
+    if not kept or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return (torch.empty(shape, dtype=torch.int32, device=device),
+                torch.zeros(slots, dtype=torch.int32, device=device))  # fmt: skip
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    stream = torch._C._cuda_getCurrentRawStream(index) if device.type == "cuda" else 0
+    key = (index, stream, c.block_m, c.block_n, slots)
+    got = _TAIL_WORKSPACE.get(key)
+    if got is None:
+        got = _TAIL_WORKSPACE[key] = (torch.empty(shape, dtype=torch.int32, device=device),
+                                      torch.zeros(slots, dtype=torch.int32, device=device))  # fmt: skip
+    return got
+
+
+def tail_args(xq, c: Config, kept: bool = True):
+    """The workspace (``tail_buffers``) of a launch of ``c`` on xq's device, or None where ``c`` splits no
+    tail (``tail_split`` < 2, or a persistent config)."""
+    if c.tail_split < 2 or c.persistent:
+        return None
+    return tail_buffers(xq.device, c, kept)
+
+
+def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config, lora=None,
+                   tail=None) -> _quant.Spec:  # fmt: skip
     """The launch of the scaled GEMM for checked operands (M, N, K > 0) into ``out`` [M, N] (fresh, contiguous)
     with configuration ``c``. TMA operands are ``Tma`` objects in ``spec.args`` (x first, then w). ``lora``:
-    (xa [M, r], lb [N, r]) checked by ``check_lora``, added in the epilogue (``acc += xa @ lb^T``)."""
+    (xa [M, r], lb [N, r]) checked by ``check_lora``, added in the epilogue (``acc += xa @ lb^T``). ``tail``:
+    the workspace of ``tail_args`` (the last wave's tiles split over K; see ``_scaled_mm_kernel``)."""
     m, k = xq.shape
     n = wq.shape[0]
     if fmt.is_block and (c.block_k != F.BLOCK or F.BLOCK % c.block_n):
@@ -402,15 +499,25 @@ def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config
                  BLOCK_K=c.block_k, GROUP_M=c.group_m, NUM_PROGRAMS=programs, **lora_c),
             c.num_warps, c.num_stages, key=key, **opts,
         )  # fmt: skip
-    args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, xa, lb, m, n, k,
-            xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
+    n_dp, tail_s, k_slice = tiles, 1, k
+    part = count = None
+    if tail is not None:
+        part, count = tail
+        n_dp, tail_s, k_slice = tail_split(tiles, k, c, count.numel())
+        if tail_s == 1:
+            part = count = None
+        elif fmt.is_block or not fmt.is_int:  # the accumulator is fp32 (int8-row: int32)
+            part = part.view(torch.float32)
+    grid = n_dp + (tiles - n_dp) * tail_s
+    args = (xq, x_desc, wq, w_desc, x_scale, w_scale, bias, out, xa, lb, part, count, m, n, k, n_dp, tail_s,
+            k_slice, xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
             xss[0], xss[1], ws_stride[0], ws_stride[1], s_xa, s_lb)  # fmt: skip
     return _quant.Spec(
-        _scaled_mm_kernel, (tiles,), args,
+        _scaled_mm_kernel, (grid,), args,
         dict(**common, USE_TMA=use_tma, EVEN_K=k % c.block_k == 0, DOT2=c.dot2, MAGIC_I2F=c.magic_i2f,
              MANUAL_RNE=INTERPRET, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-             **lora_c),
-        c.num_warps, c.num_stages, key=key, **opts,
+             **lora_c, TAIL=part is not None),
+        c.num_warps, c.num_stages, key=(*key, tail_s, k_slice), **opts,
     )  # fmt: skip
 
 
@@ -467,7 +574,7 @@ def scaled_mm(
 
         config = get_config(fmt.name, m, n, k)
     if lora is None:
-        _launch(scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, config))
+        _launch(scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, config, tail=tail_args(xq, config)))
         return out
     key = (config, max(16, triton.next_power_of_2(lora_xa.shape[1])), lora_xa.element_size())
     c = _LORA_CONFIGS.get(key)

@@ -76,7 +76,7 @@ def weight_only_max_m(x, fmt="int8-row") -> int:
 WEIGHT_ONLY_CPU = 0
 """Row limit of the weight-only path for CPU tensors under the interpreter (tests set it)."""
 
-_X, _XQ, _XQD, _XS, _OUT, _WP, _WC = (object() for _ in range(7))  # per-call / per-stream slots of a template
+_X, _XQ, _XQD, _XS, _OUT, _WP, _WC, _TP, _TC = (object() for _ in range(9))  # per-call / per-stream slots of a template
 _PLANS: dict = {}
 _SCRATCH: dict = {}
 _SCRATCH_GEN = [0]
@@ -89,7 +89,8 @@ class _Plan:
     """Ready launches of one linear (see above). ``wo``: weight-only (one launch) else act quant + GEMM."""
 
     __slots__ = ("wo", "aq", "mm", "aq_t", "mm_t", "aq_seg", "mm_seg", "out_shape", "out_dtype", "device",
-                 "stream", "thread", "gen", "scratch_key", "xq_shape", "xs_shape", "storage", "wo_cfg", "n")  # fmt: skip
+                 "stream", "thread", "gen", "scratch_key", "xq_shape", "xs_shape", "storage", "wo_cfg", "n",
+                 "tail_cfg", "kept")  # fmt: skip
 
 
 def _template(spec, bound, marks: dict) -> list:
@@ -121,15 +122,19 @@ def _segments(bound, stream, flat: list) -> list:
     return segs
 
 
-def _resolve(p: _Plan, bound, flat: list, xq, xs, ws=None) -> list:
-    """Fill the activation-side slots of a template with this call's xq / xs (W8A8), or the split-K
-    workspace ``ws`` = (partials, counters) of this stream (weight-only)."""
+def _resolve(p: _Plan, bound, flat: list, xq, xs, ws=None, tw=None) -> list:
+    """Fill the activation-side slots of a template with this call's xq / xs (W8A8), the split-K workspace
+    ``ws`` = (partials, counters) of this stream (weight-only), or the GEMM's tail-split workspace ``tw``."""
     out = []
     for a in flat:
         if a is _WP:
             out.append(ws[0].data_ptr())
         elif a is _WC:
             out.append(ws[1].data_ptr())
+        elif a is _TP:
+            out.append(tw[0].data_ptr())
+        elif a is _TC:
+            out.append(tw[1].data_ptr())
         elif a is _XQ:
             out.append(xq.data_ptr())
         elif a is _XS:
@@ -163,8 +168,9 @@ def _bind_stream(p: _Plan, stream, thread) -> None:
         p.mm_seg = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, None, None, ws))
         return
     xq, xs = _scratch(p, stream, thread)
+    tw = _gemm.tail_buffers(p.device, p.tail_cfg, p.kept) if p.tail_cfg is not None else None
     p.aq_seg = _segments(p.aq, stream, _resolve(p, p.mm, p.aq_t, xq, xs))
-    p.mm_seg = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, xq, xs))
+    p.mm_seg = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, xq, xs, tw=tw))
 
 
 def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool):
@@ -184,7 +190,7 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool):
     y = _quant.empty((*x.shape[:-1], n), out_dtype, x.device)
     y2 = y.view(m, n)
     p = _Plan()
-    p.out_shape, p.out_dtype, p.device, p.wo = tuple(y.shape), out_dtype, x.device, weight_only
+    p.out_shape, p.out_dtype, p.device, p.wo, p.kept, p.tail_cfg = tuple(y.shape), out_dtype, x.device, weight_only, kept, None
     if weight_only:
         c = _configs.weight_only_config(fmt.name, m, n, k)
         if not kept:
@@ -207,11 +213,15 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool):
         xq, xs = _quant.empty((m, k), fmt.storage, x.device), _quant.empty(_quant.act_scale_shape(fmt, m, k), torch.float32, x.device)
         aspec = _quant.act_quant_spec(x2, xq, xs, fmt, False)
         p.aq = _quant.bind(aspec)
-        mspec = _gemm.scaled_mm_spec(xq, xs, wq, w_scale, fmt, bias, y2, _configs.get_config(fmt.name, m, n, k))
+        c = _configs.get_config(fmt.name, m, n, k)
+        mspec = _gemm.scaled_mm_spec(xq, xs, wq, w_scale, fmt, bias, y2, c, tail=_gemm.tail_args(xq, c, kept))
         p.mm = _quant.bind(mspec)
         if p.aq is None or p.mm is None:
             return y, None
         marks = {id(x2): _X, id(xq): _XQ, id(xs): _XS, id(y2): _OUT}
+        p.tail_cfg = c if mspec.constexprs.get("TAIL") else None
+        if p.tail_cfg is not None:  # the tail's workspace: this stream's kept one, or fresh per call
+            marks.update({id(mspec.args[10]): _TP, id(mspec.args[11]): _TC})
         p.aq_t = _template(aspec, p.aq, marks)
         p.mm_t = _template(mspec, p.mm, marks)
         p.xq_shape, p.xs_shape, p.storage = tuple(xq.shape), tuple(xs.shape), fmt.storage
@@ -227,6 +237,7 @@ def clear_plans() -> None:
     _PLANS.clear()
     _SCRATCH.clear()
     _gemm._WO_WORKSPACE.clear()
+    _gemm._TAIL_WORKSPACE.clear()
     _SCRATCH_GEN[0] += 1
 
 
@@ -270,8 +281,9 @@ def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool = 
         p.mm.entry.raw(*s[0], op, *s[1])
     else:  # fresh activation buffers (large activations, or a CUDA graph being captured)
         xq, xs = (_quant.empty(p.xq_shape, p.storage, p.device), _quant.empty(p.xs_shape, torch.float32, p.device))
+        tw = _gemm.tail_buffers(p.device, p.tail_cfg, p.kept) if p.tail_cfg is not None else None
         a = _segments(p.aq, stream, _resolve(p, p.mm, p.aq_t, xq, xs))
-        s = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, xq, xs))
+        s = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, xq, xs, tw=tw))
         p.aq.entry.raw(*a[0], xp, *a[1])
         p.mm.entry.raw(*s[0], op, *s[1])
     return out

@@ -278,24 +278,31 @@ def _divide(x, scale, inv, EXACT_DIV: tl.constexpr):
 # activation quantization
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _act_quant_token_kernel(
-    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_xk,
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk,
     QMAX: tl.constexpr, RCP_QMAX: tl.constexpr, IS_INT: tl.constexpr, FP8_MANUAL: tl.constexpr,
-    EXACT_DIV: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+    EXACT_DIV: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
-    """One program per row of x [M, K] (any strides): scale [M] = max|row| / qmax, q [M, K] contiguous."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * K
-    offs = tl.arange(0, BLOCK_K)
-    if ONE_PASS:  # the whole row lives in registers: one read of x
-        m = offs < K
-        x = tl.load(x_row + offs * stride_xk, mask=m, other=0.0).to(tl.float32)
-        scale = _scale_of(tl.max(tl.abs(x)), QMAX, RCP_QMAX)
-        inv = tl.div_rn(1.0, scale)
-        tl.store(q_row + offs, _to_storage(_divide(x, scale, inv, EXACT_DIV), QMAX, IS_INT, FP8_MANUAL), mask=m)
-    else:  # very wide rows: amax pass, then a quantize pass (the second read mostly hits L2)
+    """ROWS rows of x [M, K] (any strides) per program: scale [M] = max|row| / qmax, q [M, K] contiguous."""
+    if ONE_PASS:  # whole rows live in registers: one read of x
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        r_ok = rows < M
+        rows64 = rows.to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        m = r_ok[:, None] & (offs < K)[None, :]
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs[None, :] * stride_xk, mask=m, other=0.0)
+        x = x.to(tl.float32)
+        scale = _scale_of(tl.max(tl.abs(x), axis=1), QMAX, RCP_QMAX)
+        inv = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        q = _to_storage(_divide(x, scale[:, None], inv[:, None], EXACT_DIV), QMAX, IS_INT, FP8_MANUAL)
+        tl.store(q_ptr + rows64[:, None] * K + offs[None, :], q, mask=m)
+        tl.store(s_ptr + rows, scale, mask=r_ok)
+    else:  # very wide rows, one per program: amax pass, then a quantize pass (the second read mostly hits L2)
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_xm
+        q_row = q_ptr + row * K
+        offs = tl.arange(0, BLOCK_K)
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             m = k0 + offs < K
@@ -308,7 +315,7 @@ def _act_quant_token_kernel(
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=m, other=0.0).to(tl.float32)
             q = _to_storage(_divide(x, scale, inv, EXACT_DIV), QMAX, IS_INT, FP8_MANUAL)
             tl.store(q_row + k0 + offs, q, mask=m)
-    tl.store(s_ptr + row, scale)
+        tl.store(s_ptr + row, scale)
 
 
 @triton.jit
@@ -332,9 +339,18 @@ def _act_quant_group_kernel(
     tl.store(s_ptr + row * n_groups + g, scale, mask=g < n_groups)
 
 
-def act_quant_spec(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, fmt: F.Format, exact: bool) -> Spec:
+def token_config(k: int) -> tuple[int, int]:
+    """(rows per program, warps) of the per-token kernel for rows of k elements: one row, up to 64 elements per
+    thread (H200 sweep, bench/NOTES.md round 5: more rows per program or more warps were no faster)."""
+    block = min(triton.next_power_of_2(k), _MAX_ROW)
+    return 1, max(4, block // 2048)
+
+
+def act_quant_spec(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, fmt: F.Format, exact: bool,
+                   config: tuple[int, int] | None = None) -> Spec:  # fmt: skip
     """The launch of the activation-quantization kernel of x [M, K] (M, K > 0) into q [M, K] contiguous and
-    s f32 [M, 1] (per token) or [M, K/128] contiguous (block formats; K % 128 == 0 checked by the caller)."""
+    s f32 [M, 1] (per token) or [M, K/128] contiguous (block formats; K % 128 == 0 checked by the caller).
+    ``config``: (rows per program, warps) of the per-token kernel instead of ``token_config``'s."""
     m, k = x.shape
     sm, sk = x.stride()
     rcp = _rcp(fmt.qmax) if x.is_cuda else 0.0
@@ -342,10 +358,11 @@ def act_quant_spec(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, fmt: F.For
     key = (x.dtype, x.data_ptr() & 15, k & 15, k == 1, sm & 15, sm == 1, sk & 15, sk == 1, sm > 0x7FFFFFFF)
     if fmt.act_granularity == "token":
         block = min(triton.next_power_of_2(k), _MAX_ROW)
-        warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-        return Spec(_act_quant_token_kernel, (m,), (x, q, s, k, sm, sk),
+        rows, warps = config or token_config(k)
+        rows = rows if k <= block else 1
+        return Spec(_act_quant_token_kernel, (triton.cdiv(m, rows),), (x, q, s, m, k, sm, sk),
                     dict(QMAX=fmt.qmax, RCP_QMAX=rcp, IS_INT=fmt.is_int, FP8_MANUAL=INTERPRET, EXACT_DIV=exact,
-                         BLOCK_K=block, ONE_PASS=k <= block), warps, key=key)  # fmt: skip
+                         BLOCK_K=block, ONE_PASS=k <= block, ROWS=rows), warps, key=key)  # fmt: skip
     groups = k // F.BLOCK
     gpp = min(triton.next_power_of_2(groups), 32)
     warps = 4 if gpp <= 16 else 8

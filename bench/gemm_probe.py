@@ -1,0 +1,365 @@
+"""Issue 3, round 5 probe: the last wave's tiles split over K (``Config.tail_split``), activation quantization
+with several rows per program, and how much the cuBLAS bf16 baseline moves between measurements.
+
+Why: at the Flux shapes a 128x256 tile grid is 3.27 waves on 132 SMs, so the fourth wave runs 27% full and
+costs a whole tile's time (the K=3072 and K=12288 / 15360 shapes, Kandinsky Lite's 1792-wide ones); and in the
+last full run the bf16 baseline of one shape differed by up to 22% between two measurements a few seconds
+apart (eager vs graph columns), which moves every ratio of that shape.
+
+One process, correctness first (every variant against the float64 product of its quantized operands, the
+int8-row tail split bit-equal to the unsplit GEMM, the launch-plan path with a tail split bit-equal to the
+regular path), then timing in interleaved rounds: each round times bf16 and every variant of a shape back to
+back (``do_bench`` medians, L2 flushed), so drift of the GPU's clocks between rounds hits both sides of a
+ratio alike; the ratio reported is the median over rounds of the per-round ratios. Writes $OUT/probe.json.
+
+    PYTHONPATH=src python3 bench/gemm_probe.py [--part gemm,act] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+from ditq import formats as F
+from ditq.bench.gemm import SHAPES
+from ditq.kernels import configs as CF
+from ditq.kernels import gemm as G
+from ditq.kernels import ops
+from ditq.kernels import quant as Q
+from ditq.kernels.gemm import Config
+
+FMTS = ["int8-row", "fp8-row", "int8-block", "fp8-block"]
+
+
+def bench(fn, rep_ms=15.0):
+    t = do_bench(fn, warmup=3, rep=3, return_mode="median")  # estimate, then enough repeats for large shapes
+    return do_bench(fn, warmup=5, rep=max(rep_ms, 8 * t), return_mode="median")
+
+
+def smi() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu",
+                               "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except Exception as e:  # noqa: BLE001
+        return f"nvidia-smi: {e}"
+
+
+def variants(fmt: str, m: int, n: int, k: int) -> dict[str, Config]:
+    shipped = CF.get_config(fmt, m, n, k)
+    v = {"shipped": shipped, "shipped+tail": dataclasses.replace(shipped, tail_split=4, persistent=False)}
+    if not F.get_format(fmt).is_block:
+        for name, c in {"128x256/8w/4s": Config(128, 256, 128, 8, 8, 4), "256x128/8w/3s": Config(256, 128, 128, 8, 8, 3),
+                        "128x128/4w/4s": Config(128, 128, 128, 8, 4, 4), "64x128/4w/3s": Config(64, 128, 128, 8, 4, 3)}.items():  # fmt: skip
+            if c.as_list()[:11] != shipped.as_list()[:11]:
+                v[name] = c
+                v[name + "+tail"] = dataclasses.replace(c, tail_split=4)
+    else:
+        for name, c in {"64x128/4w/3s": Config(64, 128, 128, 8, 4, 3, tma=True),
+                        "128x128/8w/3s dot2": Config(128, 128, 128, 8, 8, 3, tma=False, dot2=True)}.items():  # fmt: skip
+            if c.as_list()[:11] != shipped.as_list()[:11]:
+                v[name] = c
+                v[name + "+tail"] = dataclasses.replace(c, tail_split=4)
+    return v
+
+
+def part_gemm(args, report) -> int:
+    failures = 0
+    shapes = [s for s in SHAPES if s[1] >= 1024]
+    if args.quick:
+        shapes = [s for s in shapes if (s[1], s[2], s[3]) in {(4608, 3072, 3072), (16384, 4096, 4096), (1024, 3072, 3072)}]
+    fmts = [f for f in args.formats.split(",") if f]
+    rows = []
+    for tag, m, n, k in shapes:
+        torch.manual_seed(m + n + k)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+        fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias)}
+        errs = {}
+        for fmt in fmts:
+            f = F.get_format(fmt)
+            wq, ws = ops.quant_weight(w, fmt)
+            xq, xs = ops.act_quant(x, fmt)
+            sub = slice(0, 256)  # float64 reference on the first rows
+            ref = F.scaled_mm_ref(xq[sub], xs[sub], wq, ws, f, bias, torch.float64, torch.float64)
+            plain = None
+            for name, c in variants(fmt, m, n, k).items():
+                try:
+                    y = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.bfloat16, config=c)
+                    y2 = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.bfloat16, config=c)  # counters reset?
+                except Exception as e:  # noqa: BLE001 -- a config that does not fit is skipped, and said so
+                    print(f"  {fmt} {m}x{n}x{k} {name}: {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                e = F.relative_error(y[sub], ref)
+                errs[f"{fmt} {name}"] = e
+                bad = not e < 1e-2 or not torch.equal(y, y2)
+                if name == "shipped":
+                    plain = y
+                elif fmt == "int8-row" and plain is not None and c.tail_split and not torch.equal(y, plain):
+                    bad = True  # int32 slices sum exactly: must equal the unsplit GEMM
+                if bad:
+                    failures += 1
+                    print(f"FAIL {fmt} {m}x{n}x{k} {name}: rel err {e:.2e}, repeat equal {torch.equal(y, y2)}")
+                    continue
+                fns[f"{fmt} {name}"] = (lambda xq=xq, xs=xs, wq=wq, ws=ws, f=f, c=c:
+                                        G.scaled_mm(xq, xs, wq, ws, f, bias, torch.bfloat16, config=c))  # fmt: skip
+            fns[f"{fmt} linear"] = lambda wq=wq, ws=ws, fmt=fmt: ops.linear(x, wq, ws, fmt, bias)
+            fns[f"{fmt} act_quant"] = lambda fmt=fmt: Q.act_quant(x, fmt)
+            del xq, xs, ref
+        times = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                times[name].append(bench(fn))
+        bf = times["bf16"]
+        ratio = {name: statistics.median(b / t for b, t in zip(bf, ts)) for name, ts in times.items()}
+        row = {"M": m, "N": n, "K": k, "ms": times, "ratio": ratio, "err": errs,
+               "bf16_spread": (max(bf) - min(bf)) / min(bf), "smi": smi()}  # fmt: skip
+        rows.append(row)
+        best = {}
+        for fmt in fmts:
+            cand = {nm: r for nm, r in ratio.items() if nm.startswith(fmt + " ") and nm.split(" ", 1)[1] not in
+                    ("linear", "act_quant")}  # fmt: skip
+            if cand:
+                b = max(cand, key=cand.get)
+                best[fmt] = (b.split(" ", 1)[1], cand[b], ratio[f"{fmt} shipped"] if f"{fmt} shipped" in ratio else 0)
+        print(f"{m:6d} {n:6d} {k:6d} bf16 {statistics.median(bf) * 1e3:8.1f} us (spread {row['bf16_spread']:.1%}) | "
+              + " | ".join(f"{fm}: shipped {s:.2f} best {nm} {r:.2f} lin {ratio[fm + ' linear']:.2f}"
+                           for fm, (nm, r, s) in best.items()), flush=True)  # fmt: skip
+        del x, w, fns
+        torch.cuda.empty_cache()
+    report["gemm"] = rows
+    # per format and variant name: geomean of GEMM-only ratios over M >= 4096
+    import math
+
+    big = [r for r in rows if r["M"] >= 4096]
+    names = sorted({nm for r in big for nm in r["ratio"]})
+    geo = {}
+    for nm in names:
+        v = [r["ratio"][nm] for r in big if nm in r["ratio"]]
+        if len(v) == len(big):
+            geo[nm] = math.exp(sum(map(math.log, v)) / len(v))
+    report["geomean_M_ge_4096"] = geo
+    print("\n# geomean over M >= 4096 (GEMM-only unless 'linear'), median of per-round ratios vs bf16")
+    for nm, g in sorted(geo.items()):
+        print(f"  {nm:34s} {g:.3f}")
+    # the best variant per shape, per format (what a re-tuned table would give)
+    for fmt in fmts:
+        best = []
+        for r in big:
+            c = [v for nm, v in r["ratio"].items() if nm.startswith(fmt + " ") and not nm.endswith(("linear", "act_quant"))]
+            best.append(max(c) if c else float("nan"))
+        print(f"  {fmt} best-per-shape GEMM-only geomean {math.exp(sum(map(math.log, best)) / len(best)):.3f}")
+    return failures
+
+
+def part_plans(args, report) -> int:
+    """The launch-plan path (ops.linear) with tail-split configs against the regular path, bit for bit."""
+    failures = 0
+    for fmt in ("int8-row", "fp8-row", "int8-block"):
+        for m, n, k in ((4608, 3072, 3072), (1000, 3072, 3072)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            wq, ws = ops.quant_weight(w, fmt)
+            c = dataclasses.replace(CF.get_config(fmt, m, n, k), tail_split=4, persistent=False)
+            key = CF.key(fmt, m, n, k)
+            saved = CF.tuned().get(key)
+            CF.tuned()[key] = c
+            CF.get_config.cache_clear()
+            ops.clear_plans()
+            try:
+                xq, xs = ops.act_quant(x, fmt)
+                ref = G.scaled_mm(xq, xs, wq, ws, fmt, None, torch.bfloat16, config=c)
+                ys = [ops.linear(x, wq, ws, fmt) for _ in range(3)]  # build, then reuse the plan
+                g = torch.cuda.CUDAGraph()
+                ops.linear(x, wq, ws, fmt)
+                with torch.cuda.graph(g):
+                    yg = ops.linear(x, wq, ws, fmt)
+                g.replay()
+                g.replay()
+                ok = all(torch.equal(y, ref) for y in ys) and torch.equal(yg, ref)
+            finally:
+                if saved is None:
+                    CF.tuned().pop(key)
+                else:
+                    CF.tuned()[key] = saved
+                CF.get_config.cache_clear()
+                ops.clear_plans()
+            print(f"  plans {fmt} {m}x{n}x{k} tail: {'ok' if ok else 'FAIL'}")
+            failures += not ok
+            report.setdefault("plans", []).append({"fmt": fmt, "shape": [m, n, k], "ok": ok})
+    return failures
+
+
+def part_gap(args, report) -> int:
+    """Why the fp8-row linear ran 15-20% slower than its act quant + GEMM timed apart (round 5's first probe)
+    while int8-row's did not: the same two kernels through each path, in rounds."""
+    rows = []
+    for m, n, k in ((4608, 12288, 3072), (16384, 4096, 4096), (4608, 3072, 3072)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+        fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias)}
+        info = {}
+        for fmt in ("int8-row", "fp8-row"):
+            f = F.get_format(fmt)
+            wq, ws = ops.quant_weight(w, fmt)
+            xq, xs = ops.act_quant(x, fmt)
+            q2, s2 = torch.empty_like(xq), torch.empty_like(xs)
+            aspec = Q.act_quant_spec(x, q2, s2, f, False)
+            y_gemm = G.scaled_mm(xq, xs, wq, ws, f, bias)
+            ck_gemm = G.last_compiled
+            ops.clear_plans()
+            y_lin = ops.linear(x, wq, ws, fmt, bias)
+            ops.linear(x, wq, ws, fmt, bias)
+            plan = next(iter(ops._PLANS.values()))
+            info[fmt] = {"gemm_regs": ck_gemm.n_regs, "plan_regs": plan.mm.entry.ck.n_regs,
+                         "same_kernel": plan.mm.entry.ck is ck_gemm, "equal": torch.equal(y_gemm, y_lin),
+                         "plan_tail": list(map(str, plan.mm.tail))}  # fmt: skip
+            fns[f"{fmt} gemm fixed"] = lambda xq=xq, xs=xs, wq=wq, ws=ws, f=f: G.scaled_mm(xq, xs, wq, ws, f, bias)
+            fns[f"{fmt} aq fresh + gemm"] = lambda wq=wq, ws=ws, f=f: G.scaled_mm(*Q.act_quant(x, f), wq, ws, f, bias)
+            fns[f"{fmt} aq fixed + gemm"] = (lambda aspec=aspec, q2=q2, s2=s2, wq=wq, ws=ws, f=f:
+                                             (Q.launch(aspec), G.scaled_mm(q2, s2, wq, ws, f, bias)))  # fmt: skip
+            fns[f"{fmt} linear plan"] = lambda wq=wq, ws=ws, fmt=fmt: ops.linear(x, wq, ws, fmt, bias)
+            fns[f"{fmt} linear general"] = (lambda wq=wq, ws=ws, f=f:
+                                            ops._linear_general(x, wq, ws, f, bias, None, False))  # fmt: skip
+            fns[f"{fmt} aq only"] = lambda aspec=aspec: Q.launch(aspec)
+        times = {nm: [] for nm in fns}
+        for _ in range(args.rounds):
+            for nm, fn in fns.items():
+                times[nm].append(bench(fn))
+        med = {nm: statistics.median(t) * 1e3 for nm, t in times.items()}
+        rows.append({"shape": [m, n, k], "us": med, "info": info})
+        print(f"  {m}x{n}x{k} " + " ".join(f"{nm}={v:.1f}" for nm, v in med.items()))
+        print(f"    {info}")
+        del x, w, fns
+        torch.cuda.empty_cache()
+    report["gap"] = rows
+    return 0
+
+
+LIN_CANDIDATES = {
+    "128x256/8w/3s": Config(128, 256, 128, 8, 8, 3), "128x256/8w/3s+tail": Config(128, 256, 128, 8, 8, 3, tail_split=4),
+    "128x256/8w/4s": Config(128, 256, 128, 8, 8, 4), "128x256/8w/4s+tail": Config(128, 256, 128, 8, 8, 4, tail_split=4),
+    "256x128/8w/3s": Config(256, 128, 128, 8, 8, 3), "256x128/8w/3s+tail": Config(256, 128, 128, 8, 8, 3, tail_split=4),
+    "128x128/4w/4s persistent": Config(128, 128, 128, 8, 4, 4, persistent=True),
+    "64x128/4w/3s": Config(64, 128, 128, 8, 4, 3), "64x128/4w/3s+tail": Config(64, 128, 128, 8, 4, 3, tail_split=4),
+}  # fmt: skip
+
+
+def part_lintune(args, report) -> int:
+    """Row-format GEMM configurations chosen by the time of the whole linear (act quant + GEMM, as the issue
+    measures it), not the GEMM alone: the GEMM after an act quant ran at a different speed than alone (part gap)."""
+    shapes = [s for s in SHAPES if s[1] >= 1024]
+    rows = []
+    for tag, m, n, k in shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+        fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias)}
+        for fmt in ("int8-row", "fp8-row"):
+            f = F.get_format(fmt)
+            wq, ws = ops.quant_weight(w, fmt)
+            cands = {"table": CF.get_config(fmt, m, n, k), **LIN_CANDIDATES}
+            seen = set()
+            for nm, c in cands.items():
+                if tuple(c.as_list()) in seen or (c.block_m == 64 and m > 8192):
+                    continue
+                seen.add(tuple(c.as_list()))
+                fn = lambda wq=wq, ws=ws, f=f, c=c: G.scaled_mm(*Q.act_quant(x, f), wq, ws, f, bias, config=c)
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {fmt} {nm}: {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                fns[f"{fmt} {nm}"] = fn
+        times = {nm: [] for nm in fns}
+        for _ in range(args.rounds):
+            for nm, fn in fns.items():
+                times[nm].append(bench(fn))
+        bf = times["bf16"]
+        ratio = {nm: statistics.median(b / t for b, t in zip(bf, ts)) for nm, ts in times.items()}
+        rows.append({"M": m, "N": n, "K": k, "ms": times, "ratio": ratio})
+        line = []
+        for fmt in ("int8-row", "fp8-row"):
+            c = {nm.split(" ", 1)[1]: v for nm, v in ratio.items() if nm.startswith(fmt)}
+            b = max(c, key=c.get)
+            line.append(f"{fmt} table {c['table']:.2f} best {b} {c[b]:.2f}")
+        print(f"  {m:6d}x{n:6d}x{k:6d} " + " | ".join(line), flush=True)
+        del x, w, fns
+        torch.cuda.empty_cache()
+    report["lintune"] = rows
+    return 0
+
+
+def part_act(args, report) -> int:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    copy_gbps = 2 * a.numel() / bench(lambda: b.copy_(a)) / 1e6
+    del a, b
+    print(f"\n# act quant (int8-row), copy {copy_gbps:.0f} GB/s; GB/s per (rows, warps)")
+    out = []
+    f = F.get_format("int8-row")
+    for m, k in ((1024, 3072), (4608, 3072), (4608, 12288), (4608, 15360), (8192, 1792), (8192, 7168),
+                 (16384, 4096), (32760, 5120), (32760, 13824)):  # fmt: skip
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(m, k, dtype=torch.int8, device="cuda")
+        s = torch.empty(m, 1, dtype=torch.float32, device="cuda")
+        qr, sr = Q.act_quant(x, f)
+        block = 1 << (k - 1).bit_length()
+        res = {}
+        for rows in (1, 2, 4, 8):
+            for warps in (4, 8, 16):
+                per_thread = rows * block // (32 * warps)
+                if per_thread < 8 or per_thread > 64:
+                    continue
+                spec = Q.act_quant_spec(x, q, s, f, False, config=(rows, warps))
+                q.fill_(-128)
+                Q.launch(spec)
+                if not (torch.equal(q, qr) and torch.equal(s, sr)):
+                    print(f"FAIL act quant {m}x{k} rows {rows} warps {warps}")
+                    return 1
+                ts = [bench(lambda: Q.launch(spec)) for _ in range(args.rounds)]
+                res[f"{rows}x{warps}w"] = statistics.median(ts)
+        nbytes = m * k * 3 + 4 * m
+        shipped = Q.token_config(k)
+        line = {kk: nbytes / t / 1e6 for kk, t in res.items()}
+        out.append({"M": m, "K": k, "ms": res, "GBps": line, "shipped": list(shipped)})
+        bestk = max(line, key=line.get)
+        print(f"  {m:6d}x{k:<6d} shipped {shipped} {line.get(f'{shipped[0]}x{shipped[1]}w', 0):5.0f} | best {bestk} "
+              f"{line[bestk]:5.0f} ({line[bestk] / copy_gbps:.0%}) | " + " ".join(f"{kk}={v:.0f}" for kk, v in line.items()))  # fmt: skip
+    report["act"] = {"copy_GBps": copy_gbps, "shapes": out}
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--part", default="plans,gemm,act")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--formats", default=",".join(FMTS))
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "smi_start": smi()}  # fmt: skip
+    print(f"# {report['gpu']} | smi (sm MHz, max MHz, W, limit W, C): {report['smi_start']}", flush=True)
+    failures = 0
+    t0 = time.time()
+    for part in args.part.split(","):
+        failures += {"gemm": part_gemm, "plans": part_plans, "act": part_act, "gap": part_gap, "lintune": part_lintune}[part](args, report)
+        print(f"== {part}: {time.time() - t0:.0f} s, smi {smi()}", flush=True)
+        report["failures"] = failures
+        with open(os.path.join(os.environ.get("OUT", "/tmp"), "probe.json"), "w") as fh:  # after every part
+            json.dump(report, fh, indent=1)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

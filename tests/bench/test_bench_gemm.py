@@ -1,0 +1,23 @@
+"""`ditq bench gemm`'s interleaved timing, on the CPU with a stand-in for do_bench: every function is timed once
+per round in order, and a ratio is the median of the per-round ratios against bf16 (so a baseline that drifts
+between rounds moves both sides of a ratio alike)."""
+
+from ditq.bench import gemm as B
+
+
+def test_interleaved_rounds_and_median_of_round_ratios():
+    calls = []
+    # the GPU slows down by 20% in round 2: bf16 and the variant drift together
+    times = {"bf16": iter([100.0, 120.0, 100.0]), "int8-row": iter([50.0, 60.0, 80.0])}
+
+    def bench(fn):
+        name = fn()
+        calls.append(name)
+        return next(times[name])
+
+    got = B._interleaved({"bf16": lambda: "bf16", "int8-row": lambda: "int8-row"}, bench, 3)
+    assert calls == ["bf16", "int8-row"] * 3
+    assert got == {"bf16": [100.0, 120.0, 100.0], "int8-row": [50.0, 60.0, 80.0]}
+    r = B._round_ratios(got)
+    assert r["bf16"] == 1.0
+    assert r["int8-row"] == 2.0  # per-round ratios 2.0, 2.0, 1.25: the median, not 100 / 60 from the medians
