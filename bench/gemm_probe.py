@@ -300,6 +300,75 @@ def part_lintune(args, report) -> int:
     return 0
 
 
+def _sustained(fn, seconds: float, flops: float) -> dict:
+    """Run fn back to back for ``seconds`` while nvidia-smi samples the SM clock, power and temperature every
+    100 ms: median clock / power, and the achieved rate."""
+    fn()
+    torch.cuda.synchronize()
+    mon = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu", "--format=csv,noheader,nounits",
+                            "-lms", "100"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    t0, n = time.time(), 0
+    while time.time() - t0 < seconds:
+        for _ in range(10):
+            fn()
+        n += 10
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    mon.terminate()
+    samples = []
+    for line in mon.stdout.read().splitlines():
+        try:
+            samples.append([float(v) for v in line.split(",")])
+        except ValueError:
+            pass
+    samples = samples[len(samples) // 4 :]  # skip the ramp
+    med = [statistics.median(c) for c in zip(*samples)] if samples else [0, 0, 0]
+    return {"TFLOPs": flops * n / dt / 1e12, "sm_MHz": med[0], "W": med[1], "C": med[2], "samples": len(samples)}
+
+
+def part_power(args, report) -> int:
+    """Is int8's gap to fp8 at the same tile the chip's power limit? Each GEMM run back to back for 3 s with
+    nvidia-smi sampling: SM clock, board power and the achieved rate (bf16, cuBLAS int8 / fp8, ditq int8-row /
+    fp8-row with the same 128x256 tile). Then order: the int8-row linear timed right after 0.3 s of another
+    kernel (bf16, cuBLAS fp8, itself) or after 0.3 s idle."""
+    m, n, k = 16384, 4096, 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    c = Config(128, 256, 128, 8, 8, 4)
+    q = {fmt: (ops.act_quant(x, fmt), ops.quant_weight(w, fmt)) for fmt in ("int8-row", "fp8-row")}
+    (xi, xsi), (wi, wsi) = q["int8-row"]
+    (xf, xsf), (wf, wsf) = q["fp8-row"]
+    fns = {
+        "bf16 cuBLAS": lambda: x @ w.t(),
+        "int8 torch._int_mm": lambda: torch._int_mm(xi, wi.t()),
+        "fp8 torch._scaled_mm": lambda: torch._scaled_mm(xf, wf.t(), scale_a=xsf, scale_b=wsf.reshape(1, n),
+                                                         out_dtype=torch.bfloat16),  # fmt: skip
+        "ditq int8-row GEMM": lambda: G.scaled_mm(xi, xsi, wi, wsi, "int8-row", config=c),
+        "ditq fp8-row GEMM": lambda: G.scaled_mm(xf, xsf, wf, wsf, "fp8-row", config=c),
+    }
+    res = {}
+    for nm, fn in fns.items():
+        res[nm] = _sustained(fn, 3.0, 2.0 * m * n * k)
+        print(f"  {nm:22s} " + " ".join(f"{kk}={v:.0f}" for kk, v in res[nm].items()), flush=True)
+    lin = lambda: ops.linear(x, wi, wsi, "int8-row")
+    order = {}
+    for before in ("idle", "bf16 cuBLAS", "fp8 torch._scaled_mm", "ditq int8-row GEMM"):
+        ts = []
+        for _ in range(args.rounds):
+            t0 = time.time()
+            while time.time() - t0 < 0.3:
+                if before == "idle":
+                    time.sleep(0.3)
+                else:
+                    fns[before]()
+                    torch.cuda.synchronize()
+            ts.append(do_bench(lin, warmup=1, rep=10, return_mode="median"))
+        order[before] = statistics.median(ts) * 1e3
+    print("  int8-row linear (us) right after 0.3 s of: " + ", ".join(f"{kk} {v:.1f}" for kk, v in order.items()))
+    report["power"] = {"shape": [m, n, k], "sustained": res, "after": order}
+    return 0
+
+
 def part_act(args, report) -> int:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -353,7 +422,8 @@ def main() -> int:
     failures = 0
     t0 = time.time()
     for part in args.part.split(","):
-        failures += {"gemm": part_gemm, "plans": part_plans, "act": part_act, "gap": part_gap, "lintune": part_lintune}[part](args, report)
+        failures += {"gemm": part_gemm, "plans": part_plans, "act": part_act, "gap": part_gap, "lintune": part_lintune,
+                     "power": part_power}[part](args, report)
         print(f"== {part}: {time.time() - t0:.0f} s, smi {smi()}", flush=True)
         report["failures"] = failures
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "probe.json"), "w") as fh:  # after every part

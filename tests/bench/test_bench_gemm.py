@@ -21,3 +21,17 @@ def test_interleaved_rounds_and_median_of_round_ratios():
     r = B._round_ratios(got)
     assert r["bf16"] == 1.0
     assert r["int8-row"] == 2.0  # per-round ratios 2.0, 2.0, 1.25: the median, not 100 / 60 from the medians
+
+
+def test_settle_runs_the_call_for_the_requested_time(monkeypatch):
+    """settle() calls fn about settle_ms / est_ms times (at least once) and then synchronizes; 0 turns it off."""
+    import torch
+
+    calls, syncs = [], []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    B.settle(lambda: calls.append(1), est_ms=0.5, settle_ms=200.0)
+    assert len(calls) == 400 and len(syncs) == 1
+    B.settle(lambda: calls.append(1), est_ms=500.0, settle_ms=200.0)
+    assert len(calls) == 401
+    B.settle(lambda: calls.append(1), est_ms=0.5, settle_ms=0)
+    assert len(calls) == 401 and len(syncs) == 2

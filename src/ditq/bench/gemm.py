@@ -78,8 +78,10 @@ def add_arguments(p) -> None:
     p.add_argument("--formats", default=",".join(FMTS), help="comma-separated formats (default: all five)")
     p.add_argument("--rep", type=int, default=30, help="do_bench rep in ms per timing and round (default 30; at least "
                    "8 calls)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per shape; ratios are medians "
-                   "of the per-round ratios (default 3)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds per shape; ratios are medians "
+                   "of the per-round ratios (default 2)")
+    p.add_argument("--settle-ms", type=float, default=200.0, help="run each call back to back this long before "
+                   "timing it, so its clock is its own steady state (default 200; 0: off)")
     p.add_argument("--no-shapes", action="store_true", help="skip the GEMM shape table (host/small-M/compile only)")
     p.add_argument("--wo-sweep", action="store_true", help="also sweep the weight-only kernel's configurations")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
@@ -94,6 +96,19 @@ def _graph_ms(fn, bench) -> float:
     """Time of ``fn`` replayed from a CUDA graph: the GPU time with the host's launch cost taken out."""
     with captured(fn) as g:
         return bench(g.replay)
+
+
+def settle(fn, est_ms: float, settle_ms: float) -> None:
+    """Run ``fn`` back to back for about ``settle_ms`` before it is timed. At the 700 W limit an H200's clock
+    depends on the power of what ran in the last tenths of a second (measured: the int8-row linear at
+    16384x4096x4096 took 499 us after 0.3 s idle or of itself, 612 us after 0.3 s of cuBLAS bf16 and 615 us
+    after cuBLAS fp8; bench/NOTES.md, GEMM round 5), so without this a timing inherits the previous variant's
+    clock. Each variant is timed in its own steady state, as in a model that runs it layer after layer."""
+    if settle_ms <= 0:
+        return
+    for _ in range(max(1, int(settle_ms / max(est_ms, 1e-3)))):
+        fn()
+    torch.cuda.synchronize()
 
 
 def _interleaved(fns: dict, bench, rounds: int) -> dict:
@@ -317,15 +332,20 @@ def main(args) -> int:
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}  torch {torch.__version__}  triton {triton.__version__}  python {platform.python_version()}")
 
-    def bench(fn, rep=args.rep):
+    def bench_short(fn, rep=args.rep):  # small problems (small-M tables, host overhead): no settling
         est = do_bench(fn, warmup=2, rep=2, return_mode="median")  # large shapes: at least 8 timed calls
+        return do_bench(fn, warmup=max(5, rep // 4), rep=max(rep, 8 * est), return_mode="median")
+
+    def bench(fn, rep=args.rep):  # the shape tables: each timing starts in the steady state of its own call
+        est = do_bench(fn, warmup=2, rep=2, return_mode="median")
+        settle(fn, est, args.settle_ms)
         return do_bench(fn, warmup=max(5, rep // 4), rep=max(rep, 8 * est), return_mode="median")
 
     torch.manual_seed(0)
     report = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
               "command": "ditq bench gemm " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "gemm"] else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "shapes": [], "act_quant": [], "checks": []}  # fmt: skip
-    report["copy_GBps"] = copy_bw = _copy_bandwidth(bench)
+    report["copy_GBps"] = copy_bw = _copy_bandwidth(bench_short)
     print(f"# device-to-device copy: {copy_bw:.0f} GB/s (read + write)")
 
     tuned: dict[str, list] = {}
@@ -475,10 +495,10 @@ def main(args) -> int:
     report["eager_overhead_us"] = _eager_overhead(ops, fmts)
     print("\n# host time per call at M=16, N=K=1024 (us): "
           + ", ".join(f"{k}={v:.1f}" for k, v in report["eager_overhead_us"].items()))  # fmt: skip
-    report["small_m"] = _small_m(ops, bench, fmts, args.wo_sweep)
+    report["small_m"] = _small_m(ops, bench_short, fmts, args.wo_sweep)
     failures += sum(1 for r in report["small_m"] if r.get("fail"))
     if not args.no_compile:
-        report["compile_modes"] = _compile_modes(ops, bench, [f for f in ("int8-row", "fp8-block") if f in fmts])
+        report["compile_modes"] = _compile_modes(ops, bench_short, [f for f in ("int8-row", "fp8-block") if f in fmts])
 
     # ---- summary table
     big = [r for r in report["shapes"] if r["M"] >= 4096]
