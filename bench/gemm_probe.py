@@ -369,6 +369,86 @@ def part_power(args, report) -> int:
     return 0
 
 
+def part_gluon(args, report) -> int:
+    """The Gluon int8-row GEMM (async wgmma kept in flight, ``bench/gluon_int8.py``) against the Triton one
+    (``wait_group 0`` every K step): bit-equality first, then GPU time from CUDA-graph replays, each settled
+    (200 ms of itself) and in two interleaved rounds with cuBLAS bf16; GEMM alone and act quant + GEMM."""
+    from ditq.bench.gemm import settle
+    from ditq.bench.timing import captured
+    import gluon_int8 as GG  # bench/gluon_int8.py, beside this script
+
+    failures = 0
+    rows = []
+    shapes = [s for s in SHAPES if s[1] >= 1024]
+    odd = [("odd", 1000, 3000, 3072), ("odd", 77, 136, 256)]
+    for tag, m, n, k in odd + shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+        wq, ws = ops.quant_weight(w, "int8-row")
+        xq, xs = ops.act_quant(x, "int8-row")
+        ref = G.scaled_mm(xq, xs, wq, ws, "int8-row", bias)
+        variants = {"gluon 4st": dict(stages=4), "gluon 3st": dict(stages=3), "gluon 256x128": dict(block=(256, 128, 128), stages=3)}
+        ok = {}
+        for nm, kw in variants.items():
+            try:
+                y = GG.int8_row_mm(xq, xs, wq, ws, bias, **kw)
+                ok[nm] = torch.equal(y, ref)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {nm} {m}x{n}x{k}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                ok[nm] = None
+            if ok[nm] is False:
+                failures += 1
+                print(f"FAIL {nm} {m}x{n}x{k}: differs from the Triton int8-row GEMM "
+                      f"(max |diff| {float((y.float() - ref.float()).abs().max()):.3g})", flush=True)  # fmt: skip
+        if tag == "odd":
+            print(f"  {m}x{n}x{k} equal to Triton: {ok}", flush=True)
+            continue
+        fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias),
+               "triton gemm": lambda: G.scaled_mm(xq, xs, wq, ws, "int8-row", bias),
+               "triton linear": lambda: G.scaled_mm(*Q.act_quant(x, "int8-row"), wq, ws, "int8-row", bias)}  # fmt: skip
+        for nm, kw in variants.items():
+            if ok[nm]:
+                fns[nm + " gemm"] = lambda kw=kw: GG.int8_row_mm(xq, xs, wq, ws, bias, **kw)
+                fns[nm + " linear"] = lambda kw=kw: GG.int8_row_mm(*Q.act_quant(x, "int8-row"), wq, ws, bias, **kw)
+        times = {nm: [] for nm in fns}
+        import contextlib
+
+        with contextlib.ExitStack() as stack:
+            graphs = {nm: stack.enter_context(captured(fn)).replay for nm, fn in fns.items()}
+            for _ in range(2):
+                for nm, g in graphs.items():
+                    est = do_bench(g, warmup=2, rep=2, return_mode="median")
+                    settle(g, est, 200.0)
+                    times[nm].append(do_bench(g, warmup=5, rep=max(20.0, 8 * est), return_mode="median"))
+        bf = times["bf16"]
+        ratio = {nm: statistics.median(b / t for b, t in zip(bf, ts)) for nm, ts in times.items()}
+        rows.append({"M": m, "N": n, "K": k, "ms": times, "ratio": ratio, "equal": ok})
+        print(f"  {m:6d}x{n:6d}x{k:6d} " + " ".join(f"{nm}={r:.2f}" for nm, r in ratio.items() if nm != "bf16"), flush=True)
+        del x, w, fns
+        torch.cuda.empty_cache()
+    import math
+
+    big = [r for r in rows if r["M"] >= 4096]
+    geo = {nm: math.exp(sum(math.log(r["ratio"][nm]) for r in big) / len(big)) for nm in big[0]["ratio"]
+           if all(nm in r["ratio"] for r in big)}  # fmt: skip
+    print("  geomean M >= 4096 (graph replays, settled): " + " ".join(f"{nm}={g:.3f}" for nm, g in geo.items()))
+    best_lin = math.exp(sum(math.log(max(v for nm, v in r["ratio"].items() if nm.endswith("linear"))) for r in big) / len(big))
+    print(f"  best linear per shape (triton or gluon), geomean: {best_lin:.3f}")
+    m, n, k = 16384, 4096, 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    wq, ws = ops.quant_weight(w, "int8-row")
+    xq, xs = ops.act_quant(x, "int8-row")
+    sus = {"triton int8-row": _sustained(lambda: G.scaled_mm(xq, xs, wq, ws, "int8-row", config=Config(128, 256, 128, 8, 8, 4)),
+                                         3.0, 2.0 * m * n * k),
+           "gluon int8-row": _sustained(lambda: GG.int8_row_mm(xq, xs, wq, ws), 3.0, 2.0 * m * n * k)}  # fmt: skip
+    for nm, v in sus.items():
+        print(f"  sustained {nm:16s} " + " ".join(f"{kk}={vv:.0f}" for kk, vv in v.items()), flush=True)
+    report["gluon"] = {"rows": rows, "geomean_M_ge_4096": geo, "sustained": sus}
+    return failures
+
+
 def part_act(args, report) -> int:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -423,7 +503,7 @@ def main() -> int:
     t0 = time.time()
     for part in args.part.split(","):
         failures += {"gemm": part_gemm, "plans": part_plans, "act": part_act, "gap": part_gap, "lintune": part_lintune,
-                     "power": part_power}[part](args, report)
+                     "power": part_power, "gluon": part_gluon}[part](args, report)
         print(f"== {part}: {time.time() - t0:.0f} s, smi {smi()}", flush=True)
         report["failures"] = failures
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "probe.json"), "w") as fh:  # after every part

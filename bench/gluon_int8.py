@@ -1,0 +1,135 @@
+"""Issue 3, round 5 probe kernel: the int8-row GEMM written in Gluon (Triton's lower-level dialect), Hopper only.
+Kept as the reproduction of a measured negative result (bench/NOTES.md, GEMM round 5, item 7): bit-identical to
+the Triton kernel, and not faster.
+
+Why: Triton 3.6 never keeps an int8 wgmma in flight across K steps. Its MMA pipeliner makes a dot
+"properly async" only when the accumulator is fp32 (rule 2.1 of ``dotCanBeProperlyAsync`` in
+``WGMMAPipeline.cpp``), so the int32 accumulator of an int8 x int8 product gets ``wgmma.wait_group 0`` after
+every K step (PTX of ditq's int8-row kernel at 128x256x128, 8 warps, 4 stages: one ``wait_group 0`` in the loop;
+the e4m3 kernel of the same tile: ``wait_group 1``). The tensor cores then idle while each step's wait, barrier
+and loop overhead run. Gluon states the asynchrony directly: ``warpgroup_mma(is_async=True)`` followed by
+``warpgroup_mma_wait(num_outstanding=1)`` keeps one step's MMA running while the next is issued.
+
+y [M, N] = (xq [M, K] int8 @ wq [N, K]^T int8) * x_scale[m] * w_scale[n] (+ bias), int32 accumulation (exact),
+so the result equals ``gemm.scaled_mm`` for int8-row bit for bit. TMA loads into a STAGES-deep ring guarded by
+one mbarrier per stage; the stage that step k-1 read is refilled (with step k + STAGES - 1) once step k's MMA is
+issued and step k-1's has completed. int8 wgmma takes N <= 224 per instruction, so the 256-wide tile runs as
+two 128-wide instructions per 64-row warp group.
+
+Runs only on a CUDA GPU (Gluon has no interpreter): ``available()`` says whether it can run on a tensor.
+Outcome on the H200: equal to the Triton kernel bit for bit at every shape probed (odd ones included), GEMM alone
+1.58x bf16 geomean vs the Triton kernel's 1.66x, and sustained 1084 vs 1116 TFLOP/s (both at the 700 W limit):
+keeping the int8 MMA in flight does not raise the power-limited rate. Used by ``bench/gemm_probe.py --part gluon``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    HAS_GLUON = True
+except ImportError:  # pragma: no cover
+    HAS_GLUON = False
+
+from ditq.kernels import INTERPRET
+from ditq.kernels import quant as _quant
+
+if HAS_GLUON:
+
+    @gluon.jit(do_not_specialize=["M"])
+    def _int8_row_kernel(x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_om, stride_xsm,
+                         stride_wsn, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                         INSTR_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        # grouped tile order (as gemm._tile_coords): GROUP_M row tiles sweep the N tiles together
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        off_m = (first_m + (pid % in_group) % size_m) * BLOCK_M
+        off_n = ((pid % in_group) // size_m) * BLOCK_N
+
+        a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+        k_steps = gl.cdiv(K, BLOCK_K)
+        for i in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 steps in flight
+            ok = i < k_steps
+            mbarrier.expect(bars.index(i), nbytes, pred=ok)
+            tma.async_copy_global_to_shared(x_desc, [off_m, i * BLOCK_K], bars.index(i), a_bufs.index(i), pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [off_n, i * BLOCK_K], bars.index(i), b_bufs.index(i), pred=ok)
+
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, INSTR_N, 32])  # fmt: skip
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma)
+        for k in range(k_steps):
+            s = k % STAGES
+            mbarrier.wait(bars.index(s), (k // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            # step k's MMA stays in flight; step k-1's is done, so its stage can be refilled
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            nk = k + STAGES - 1
+            ns = nk % STAGES
+            ok = nk < k_steps
+            mbarrier.expect(bars.index(ns), nbytes, pred=ok)
+            tma.async_copy_global_to_shared(x_desc, [off_m, nk * BLOCK_K], bars.index(ns), a_bufs.index(ns), pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [off_n, nk * BLOCK_K], bars.index(ns), b_bufs.index(ns), pred=ok)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+        rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        xs = gl.load(xs_ptr + (rm % M).to(gl.int64) * stride_xsm)
+        ws = gl.load(ws_ptr + (rn % N) * stride_wsn)
+        y = acc.to(gl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
+        out = out_ptr + rm[:, None].to(gl.int64) * stride_om + rn[None, :]
+        gl.store(out, y.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the Gluon kernel can run on ``t`` (a CUDA tensor of a Hopper-or-later GPU, not the interpreter)."""
+    return HAS_GLUON and not INTERPRET and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def int8_row_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, block=(128, 256, 128),
+                num_warps=8, stages=4, group_m=8) -> torch.Tensor:
+    """y [M, N] ``out_dtype`` = (xq @ wq^T) * x_scale * w_scale (+ bias) for int8-row operands (xq [M, K] and wq
+    [N, K] int8 with unit column stride and 16-byte aligned rows, x_scale f32 [M, 1], w_scale f32 [N] / [N, 1]),
+    by the Gluon kernel. Equals ``gemm.scaled_mm(..., "int8-row")`` bit for bit."""
+    bm, bn, bk = block
+    m, k = xq.shape
+    n = wq.shape[0]
+    out = _quant.empty((m, n), out_dtype, xq.device)
+    if not (m and n and k):
+        from ditq.kernels.gemm import _empty_product
+
+        return _empty_product(out, bias)
+    xl = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
+    wl = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
+    xd = GluonDescriptor(xq, list(xq.shape), list(xq.stride()), [bm, bk], xl)
+    wd = GluonDescriptor(wq, list(wq.shape), list(wq.stride()), [bn, bk], wl)
+    xs = x_scale.reshape(m, -1)
+    ws = w_scale.reshape(n, -1)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    instr_n = 128 if bn % 128 == 0 else bn
+    _int8_row_kernel[grid](xd, wd, xs, ws, bias, out, m, n, k, out.stride(0), xs.stride(0), ws.stride(0),
+                           HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages, INSTR_N=instr_n,
+                           num_warps=num_warps)  # fmt: skip
+    return out
+
