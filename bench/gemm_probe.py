@@ -30,7 +30,7 @@ import torch
 from triton.testing import do_bench
 
 from ditq import formats as F
-from ditq.bench.gemm import SHAPES
+from ditq.bench.gemm import SHAPES, _interleaved, _round_ratios
 from ditq.kernels import configs as CF
 from ditq.kernels import gemm as G
 from ditq.kernels import ops
@@ -115,12 +115,9 @@ def part_gemm(args, report) -> int:
             fns[f"{fmt} linear"] = lambda wq=wq, ws=ws, fmt=fmt: ops.linear(x, wq, ws, fmt, bias)
             fns[f"{fmt} act_quant"] = lambda fmt=fmt: Q.act_quant(x, fmt)
             del xq, xs, ref
-        times = {name: [] for name in fns}
-        for _ in range(args.rounds):
-            for name, fn in fns.items():
-                times[name].append(bench(fn))
+        times = _interleaved(fns, bench, args.rounds)
         bf = times["bf16"]
-        ratio = {name: statistics.median(b / t for b, t in zip(bf, ts)) for name, ts in times.items()}
+        ratio = _round_ratios(times)
         row = {"M": m, "N": n, "K": k, "ms": times, "ratio": ratio, "err": errs,
                "bf16_spread": (max(bf) - min(bf)) / min(bf), "smi": smi()}  # fmt: skip
         rows.append(row)
@@ -232,10 +229,7 @@ def part_gap(args, report) -> int:
             fns[f"{fmt} linear general"] = (lambda wq=wq, ws=ws, f=f:
                                             ops._linear_general(x, wq, ws, f, bias, None, False))  # fmt: skip
             fns[f"{fmt} aq only"] = lambda aspec=aspec: Q.launch(aspec)
-        times = {nm: [] for nm in fns}
-        for _ in range(args.rounds):
-            for nm, fn in fns.items():
-                times[nm].append(bench(fn))
+        times = _interleaved(fns, bench, args.rounds)
         med = {nm: statistics.median(t) * 1e3 for nm, t in times.items()}
         rows.append({"shape": [m, n, k], "us": med, "info": info})
         print(f"  {m}x{n}x{k} " + " ".join(f"{nm}={v:.1f}" for nm, v in med.items()))
@@ -281,12 +275,8 @@ def part_lintune(args, report) -> int:
                     print(f"  {fmt} {nm}: {type(e).__name__}: {str(e)[:80]}")
                     continue
                 fns[f"{fmt} {nm}"] = fn
-        times = {nm: [] for nm in fns}
-        for _ in range(args.rounds):
-            for nm, fn in fns.items():
-                times[nm].append(bench(fn))
-        bf = times["bf16"]
-        ratio = {nm: statistics.median(b / t for b, t in zip(bf, ts)) for nm, ts in times.items()}
+        times = _interleaved(fns, bench, args.rounds)
+        ratio = _round_ratios(times)
         rows.append({"M": m, "N": n, "K": k, "ms": times, "ratio": ratio})
         line = []
         for fmt in ("int8-row", "fp8-row"):
@@ -411,18 +401,17 @@ def part_gluon(args, report) -> int:
             if ok[nm]:
                 fns[nm + " gemm"] = lambda kw=kw: GG.int8_row_mm(xq, xs, wq, ws, bias, **kw)
                 fns[nm + " linear"] = lambda kw=kw: GG.int8_row_mm(*Q.act_quant(x, "int8-row"), wq, ws, bias, **kw)
-        times = {nm: [] for nm in fns}
         import contextlib
+
+        def settled(g):
+            est = do_bench(g, warmup=2, rep=2, return_mode="median")
+            settle(g, est, 200.0)
+            return do_bench(g, warmup=5, rep=max(20.0, 8 * est), return_mode="median")
 
         with contextlib.ExitStack() as stack:
             graphs = {nm: stack.enter_context(captured(fn)).replay for nm, fn in fns.items()}
-            for _ in range(2):
-                for nm, g in graphs.items():
-                    est = do_bench(g, warmup=2, rep=2, return_mode="median")
-                    settle(g, est, 200.0)
-                    times[nm].append(do_bench(g, warmup=5, rep=max(20.0, 8 * est), return_mode="median"))
-        bf = times["bf16"]
-        ratio = {nm: statistics.median(b / t for b, t in zip(bf, ts)) for nm, ts in times.items()}
+            times = _interleaved(graphs, settled, 2)
+        ratio = _round_ratios(times)
         rows.append({"M": m, "N": n, "K": k, "ms": times, "ratio": ratio, "equal": ok})
         print(f"  {m:6d}x{n:6d}x{k:6d} " + " ".join(f"{nm}={r:.2f}" for nm, r in ratio.items() if nm != "bf16"), flush=True)
         del x, w, fns

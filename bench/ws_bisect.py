@@ -36,36 +36,35 @@ def one(name: str) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
+    def store(c_ptr, acc, off_m, off_n, N, BM: tl.constexpr, BN: tl.constexpr):
+        rm = off_m + tl.arange(0, BM)
+        rn = off_n + tl.arange(0, BN)
+        tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float32))
+
+    @triton.jit
     def tile_kernel(a_desc, b_desc, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     IS_INT: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)
         nn = tl.cdiv(N, BN)
         off_m, off_n = (pid // nn) * BM, (pid % nn) * BN
         acc = tl.zeros([BM, BN], dtype=tl.int32 if IS_INT else tl.float32)
-        for k in tl.range(0, tl.cdiv(K, BK), warp_specialize=True):
-            a = a_desc.load([off_m, k * BK])
-            b = b_desc.load([off_n, k * BK])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
-        rm = off_m + tl.arange(0, BM)
-        rn = off_n + tl.arange(0, BN)
-        tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float32))
+        for k in tl.range(0, tl.cdiv(K, BK), warp_specialize=True):  # the specialized loop is the K loop
+            acc = tl.dot(a_desc.load([off_m, k * BK]), b_desc.load([off_n, k * BK]).T, acc,
+                         out_dtype=tl.int32 if IS_INT else tl.float32)  # fmt: skip
+        store(c_ptr, acc, off_m, off_n, N, BM, BN)
 
     @triton.jit
     def persistent_kernel(a_desc, b_desc, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           IS_INT: tl.constexpr, NUM_SMS: tl.constexpr):  # fmt: skip
         nn = tl.cdiv(N, BN)
         tiles = tl.cdiv(M, BM) * nn
-        k_tiles = tl.cdiv(K, BK)
-        for tile in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True, warp_specialize=True):
+        for tile in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True, warp_specialize=True):  # the tile loop
             off_m, off_n = (tile // nn) * BM, (tile % nn) * BN
             acc = tl.zeros([BM, BN], dtype=tl.int32 if IS_INT else tl.float32)
-            for k in range(k_tiles):
-                a = a_desc.load([off_m, k * BK])
-                b = b_desc.load([off_n, k * BK])
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
-            rm = off_m + tl.arange(0, BM)
-            rn = off_n + tl.arange(0, BN)
-            tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float32))
+            for k in range(tl.cdiv(K, BK)):
+                acc = tl.dot(a_desc.load([off_m, k * BK]), b_desc.load([off_n, k * BK]).T, acc,
+                             out_dtype=tl.int32 if IS_INT else tl.float32)  # fmt: skip
+            store(c_ptr, acc, off_m, off_n, N, BM, BN)
 
     dt, persistent, stages = VARIANTS[name]
     m = n = k = 2048
