@@ -378,7 +378,9 @@ def part_gluon(args, report) -> int:
         wq, ws = ops.quant_weight(w, "int8-row")
         xq, xs = ops.act_quant(x, "int8-row")
         ref = G.scaled_mm(xq, xs, wq, ws, "int8-row", bias)
-        variants = {"gluon 4st": dict(stages=4), "gluon 3st": dict(stages=3), "gluon 256x128": dict(block=(256, 128, 128), stages=3)}
+        variants = {"gluon 4st": dict(stages=4), "gluon regA": dict(stages=4, a_in_regs=True)}
+        if args.gluon_all:  # round 5's first call: also 3 stages and the 256x128 tile
+            variants.update({"gluon 3st": dict(stages=3), "gluon 256x128": dict(block=(256, 128, 128), stages=3)})
         ok = {}
         for nm, kw in variants.items():
             try:
@@ -431,7 +433,8 @@ def part_gluon(args, report) -> int:
     xq, xs = ops.act_quant(x, "int8-row")
     sus = {"triton int8-row": _sustained(lambda: G.scaled_mm(xq, xs, wq, ws, "int8-row", config=Config(128, 256, 128, 8, 8, 4)),
                                          3.0, 2.0 * m * n * k),
-           "gluon int8-row": _sustained(lambda: GG.int8_row_mm(xq, xs, wq, ws), 3.0, 2.0 * m * n * k)}  # fmt: skip
+           "gluon int8-row": _sustained(lambda: GG.int8_row_mm(xq, xs, wq, ws), 3.0, 2.0 * m * n * k),
+           "gluon regA": _sustained(lambda: GG.int8_row_mm(xq, xs, wq, ws, a_in_regs=True), 3.0, 2.0 * m * n * k)}  # fmt: skip
     for nm, v in sus.items():
         print(f"  sustained {nm:16s} " + " ".join(f"{kk}={vv:.0f}" for kk, vv in v.items()), flush=True)
     report["gluon"] = {"rows": rows, "geomean_M_ge_4096": geo, "sustained": sus}
@@ -484,6 +487,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--formats", default=",".join(FMTS))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--gluon-all", action="store_true", help="part gluon: also the 3-stage and 256x128 variants")
     args = p.parse_args()
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
               "smi_start": smi()}  # fmt: skip

@@ -19,7 +19,9 @@ two 128-wide instructions per 64-row warp group.
 Runs only on a CUDA GPU (Gluon has no interpreter): ``available()`` says whether it can run on a tensor.
 Outcome on the H200: equal to the Triton kernel bit for bit at every shape probed (odd ones included), GEMM alone
 1.58x bf16 geomean vs the Triton kernel's 1.66x, and sustained 1084 vs 1116 TFLOP/s (both at the 700 W limit):
-keeping the int8 MMA in flight does not raise the power-limited rate. Used by ``bench/gemm_probe.py --part gluon``.
+keeping the int8 MMA in flight does not raise the power-limited rate. ``a_in_regs``: x read into registers once per
+step (register-A wgmma, synchronous): slower still (1.41x, 944 TFLOP/s sustained). Used by ``bench/gemm_probe.py
+--part gluon``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ if HAS_GLUON:
     @gluon.jit(do_not_specialize=["M"])
     def _int8_row_kernel(x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_om, stride_xsm,
                          stride_wsn, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                         INSTR_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                         INSTR_N: gl.constexpr, A_IN_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -78,9 +80,15 @@ if HAS_GLUON:
         for k in range(k_steps):
             s = k % STAGES
             mbarrier.wait(bars.index(s), (k // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            # step k's MMA stays in flight; step k-1's is done, so its stage can be refilled
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            if A_IN_REGS:  # x read from shared memory once per step (both 128-wide halves use the registers);
+                # registers an MMA reads must not change before it completes, so this variant is synchronous
+                a = a_bufs.index(s).load(gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4))
+                acc = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            else:
+                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                # step k's MMA stays in flight; step k-1's is done, so its stage can be refilled
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             nk = k + STAGES - 1
             ns = nk % STAGES
             ok = nk < k_steps
@@ -108,7 +116,7 @@ def available(t: torch.Tensor) -> bool:
 
 
 def int8_row_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, block=(128, 256, 128),
-                num_warps=8, stages=4, group_m=8) -> torch.Tensor:
+                num_warps=8, stages=4, group_m=8, a_in_regs=False) -> torch.Tensor:
     """y [M, N] ``out_dtype`` = (xq @ wq^T) * x_scale * w_scale (+ bias) for int8-row operands (xq [M, K] and wq
     [N, K] int8 with unit column stride and 16-byte aligned rows, x_scale f32 [M, 1], w_scale f32 [N] / [N, 1]),
     by the Gluon kernel. Equals ``gemm.scaled_mm(..., "int8-row")`` bit for bit."""
@@ -130,6 +138,6 @@ def int8_row_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, b
     instr_n = 128 if bn % 128 == 0 else bn
     _int8_row_kernel[grid](xd, wd, xs, ws, bias, out, m, n, k, out.stride(0), xs.stride(0), ws.stride(0),
                            HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages, INSTR_N=instr_n,
-                           num_warps=num_warps)  # fmt: skip
+                           A_IN_REGS=a_in_regs, num_warps=num_warps)  # fmt: skip
     return out
 
