@@ -11,6 +11,7 @@ import torch
 
 from ditq import formats as F
 from ditq.errors import FormatError, ShapeError
+from ditq.kernels import gemm as G
 from ditq.kernels import rotate as R
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,3 +184,5 @@ def test_gpu_plan_replays(seed):
         y = R.rotated_linear(x, wq, ws, 256, bias)
         ref = R.rotated_linear_ref(x, wq, ws, 256, bias, torch.float64, torch.float64)
         assert F.relative_error(y, ref) < 2e-2, seed
+        # ops' plan with the rotation kernel in front = the two regular launches, bit for bit
+        assert torch.equal(y, G.scaled_mm(*R.rotate_act_quant(x, 256), wq, ws, "int8-row", bias)), seed

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -45,7 +46,19 @@ def _fmt(fmt) -> F.Format:
 # maps encoded once). Later calls with the same key allocate the output and make one or two C calls.
 
 
-def _linear_general(x, wq, w_scale, fmt: F.Format, bias, out_dtype, weight_only: bool, kept: bool = True):
+class ActQuant(NamedTuple):
+    """Another activation quantization in front of the W8A8 GEMM (``kernels.rotate``: Hadamard rotation +
+    per-token int8): ``spec(x2, xq, xs)`` is the launch of a kernel that writes xq [M, K] and xs [M, 1] from x2
+    [M, K]; ``run(x2)`` returns (xq, xs) through the regular wrappers; ``tag`` (hashable) joins the plan key.
+    Linears with one never take the weight-only path."""
+
+    tag: tuple
+    spec: Callable
+    run: Callable
+
+
+def _linear_general(x, wq, w_scale, fmt: F.Format, bias, out_dtype, weight_only: bool, kept: bool = True,
+                    act: ActQuant | None = None):  # fmt: skip
     """The linear through the regular wrappers (any device Triton runs on, any strides). ``kept=False``: no
     buffer outlives the call (no split-K workspace)."""
     k = x.shape[-1]
@@ -58,7 +71,7 @@ def _linear_general(x, wq, w_scale, fmt: F.Format, bias, out_dtype, weight_only:
             c = dataclasses.replace(_configs.weight_only_config(fmt.name, x2.shape[0], wq.shape[0], k), split_k=1)
         y = _gemm.weight_only_linear(x2, wq, w_scale, fmt, bias, out_dtype or x.dtype, c)
     else:
-        xq, xs = _quant.act_quant(x2, fmt)
+        xq, xs = act.run(x2) if act is not None else _quant.act_quant(x2, fmt)
         # the activation side was made here, so only the weight side above needed checking
         y = _gemm.scaled_mm(xq, xs, wq, w_scale, fmt, bias, out_dtype or x.dtype, check=False)
     return y if x.dim() == 2 else y.reshape(*lead, wq.shape[0])
@@ -173,7 +186,7 @@ def _bind_stream(p: _Plan, stream, thread) -> None:
     p.mm_seg = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, xq, xs, tw=tw))
 
 
-def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool):
+def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool, act: ActQuant | None = None):
     """Check the operands, run the linear once through the regular launches, and return (y, plan or None).
     ``kept=False``: a plan that keeps no buffer between calls (no split K, fresh activation buffers)."""
     k = x.shape[-1]
@@ -184,9 +197,9 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool):
     except RuntimeError:  # not viewable as 2-D: the regular path copies
         x2 = None
     m, n = x.numel() // k if k else 0, wq.shape[0]
-    weight_only = 0 < m <= weight_only_max_m(x, fmt) and wq.is_contiguous()
+    weight_only = act is None and 0 < m <= weight_only_max_m(x, fmt) and wq.is_contiguous()
     if x2 is None or m == 0 or n == 0 or k == 0 or not x.is_cuda or not x.is_floating_point():
-        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, weight_only, kept), None
+        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, weight_only, kept, act), None
     y = _quant.empty((*x.shape[:-1], n), out_dtype, x.device)
     y2 = y.view(m, n)
     p = _Plan()
@@ -211,7 +224,7 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool):
         p.wo_cfg, p.n = c, n
     else:
         xq, xs = _quant.empty((m, k), fmt.storage, x.device), _quant.empty(_quant.act_scale_shape(fmt, m, k), torch.float32, x.device)
-        aspec = _quant.act_quant_spec(x2, xq, xs, fmt, False)
+        aspec = act.spec(x2, xq, xs) if act is not None else _quant.act_quant_spec(x2, xq, xs, fmt, False)
         p.aq = _quant.bind(aspec)
         c = _configs.get_config(fmt.name, m, n, k)
         mspec = _gemm.scaled_mm_spec(xq, xs, wq, w_scale, fmt, bias, y2, c, tail=_gemm.tail_args(xq, c, kept))
@@ -241,22 +254,23 @@ def clear_plans() -> None:
     _SCRATCH_GEN[0] += 1
 
 
-def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool = True):
+def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool = True, act: ActQuant | None = None):
     """The linear on Triton: through a launch plan on a GPU (see above), else the regular wrappers. ``kept``
     (eager calls) lets plans keep buffers between calls: split-K workspaces and activation buffers. The
     registered op passes False: inside torch.compile's CUDA graphs (cudagraph trees) every allocation of the
     warm-up run goes to the graph's pool, which refuses tensors that outlive the call."""
     if not x.is_cuda or not _quant.RAW_LAUNCH or _quant.hooked():
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        wo = 0 < m <= weight_only_max_m(x, fmt) and wq.is_contiguous()
-        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, wo, kept)
+        wo = act is None and 0 < m <= weight_only_max_m(x, fmt) and wq.is_contiguous()
+        return _linear_general(x, wq, w_scale, fmt, bias, out_dtype, wo, kept, act)
     xp = x.data_ptr()
-    key = (fmt.name, out_dtype, kept, _configs.weight_only_max_m(fmt.name), x.shape, x.stride(), x.dtype, xp & 15,
+    key = (fmt.name, out_dtype, kept, act and act.tag, _configs.weight_only_max_m(fmt.name), x.shape, x.stride(),
+           x.dtype, xp & 15,
            wq.data_ptr(), wq.shape, wq.stride(), wq.dtype, w_scale.data_ptr(), w_scale.shape, w_scale.stride(),
            None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))  # fmt: skip
     p = _PLANS.get(key)
     if p is None:
-        y, p = _build_plan(x, wq, w_scale, fmt, bias, out_dtype, kept)
+        y, p = _build_plan(x, wq, w_scale, fmt, bias, out_dtype, kept, act)
         if p is not None:
             if len(_PLANS) >= 4096:
                 _PLANS.clear()

@@ -368,125 +368,39 @@ def rotated_linear_ref(x, wq, w_scale, g: int, bias=None, out_dtype=None, comput
     return F.linear_ref(F.rotate(x.float(), g), wq, w_scale, FMT, bias, out_dtype or x.dtype, compute_dtype)
 
 
-# -- launch plans: an eager rotated linear on a GPU costs two C launcher calls a call -------------------------
-# The first call for a (weight, activation layout) runs through the wrappers (checks, configurations, Triton's
-# launcher) and keeps both launches bound (``quant.bind``) with their argument lists, the activation-side
-# tensors left as slots; later calls allocate q, its scales and the output and launch. Without this the host
-# (tens of microseconds of Python a call) could fall behind the GPU at DiT shapes.
-
-_PLANS: dict = {}
-_X, _XQ, _XS, _OUT = (object() for _ in range(4))  # per-call slots of a template
+# -- the eager rotated linear: ops' launch plans with this module's activation kernel ---------------------
+# (ops keeps the two launches bound per (weight, activation layout), with kept activation buffers and the GEMM's
+# tail-split workspace; ``ActQuant`` puts the rotation + quantization kernel in front of the int8-row GEMM)
 
 
-class _XqTma:
-    """Slot of xq's TMA operand (the j-th TMA operand of the GEMM) in a template."""
-
-    __slots__ = ("j",)
-
-    def __init__(self, j: int):
-        self.j = j
+def _act(g: int):
+    return _ops().ActQuant(("rotate", g, KRON_256, F32_DOT),
+                           lambda x2, xq, xs: rotate_act_quant_spec(x2, xq, xs, g, False),
+                           lambda x2: rotate_act_quant(x2, g))  # fmt: skip
 
 
-class _Plan:
-    __slots__ = ("aq", "mm", "aq_t", "mm_t", "xq_shape", "out_shape", "out_dtype", "device")
+def _ops():
+    from . import ops  # ops does not import this module
+
+    return ops
 
 
-def _template(spec, bound, marks: dict) -> list:
-    """spec's launcher arguments in kernel order: tensors as pointers except the per-call ones in ``marks``
-    (xq's TMA operand becomes an _XqTma slot); other TMA operands expanded once (lists)."""
-    flat, j = [], 0
-    for a in spec.args:
-        if a.__class__ is _quant.Tma:
-            flat.append(_XqTma(j) if marks.get(id(a.t)) is _XQ else list(bound.tma(j, a.t)))
-            j += 1
-        elif isinstance(a, torch.Tensor):
-            flat.append(marks.get(id(a)) or a.data_ptr())
-        else:
-            flat.append(a)
-    return flat
-
-
-def _fill(bound, t: list, vals: dict, xq) -> list:
-    out = []
-    for a in t:
-        if a.__class__ is list:
-            out.extend(a)
-        elif a.__class__ is _XqTma:
-            out.extend(bound.tma(a.j, xq))
-        else:
-            out.append(vals.get(a, a) if a.__class__ is object else a)
-    return out
-
-
-def _plan_key(x, wq, w_scale, g, bias, out_dtype):
-    return (g, out_dtype, KRON_256, F32_DOT, _configs.weight_only_max_m(FMT.name), x.shape, x.stride(), x.dtype,
-            x.data_ptr() & 15, x.device.index, wq.data_ptr(), wq.shape, wq.stride(), wq.dtype, w_scale.data_ptr(),
-            w_scale.shape, w_scale.stride(), None if bias is None else (bias.data_ptr(), bias.shape, bias.stride(),
-            bias.dtype))  # fmt: skip
-
-
-def _build_plan(x2, wq, w_scale, g, bias, out_dtype, out):
-    """Run the W8A8 rotated linear of x2 [M, K] into out [M, N] once through bound launches; the plan or None."""
-    m, k = x2.shape
-    xq = _quant.empty((m, k), torch.int8, x2.device)
-    xs = _quant.empty((m, 1), torch.float32, x2.device)
-    aspec = rotate_act_quant_spec(x2, xq, xs, g, False)
-    aq = _quant.bind(aspec)
-    mspec = _gemm.scaled_mm_spec(xq, xs, wq, w_scale, FMT, bias, out, _configs.get_config(FMT.name, m, wq.shape[0], k))
-    mm = _quant.bind(mspec)
-    if aq is None or mm is None:  # launched anyway (bind launches), just not replayable
-        return None
-    p = _Plan()
-    marks = {id(x2): _X, id(xq): _XQ, id(xs): _XS, id(out): _OUT}
-    p.aq, p.mm, p.aq_t, p.mm_t = aq, mm, _template(aspec, aq, marks), _template(mspec, mm, marks)
-    p.xq_shape, p.out_shape, p.out_dtype, p.device = (m, k), tuple(out.shape), out.dtype, out.device
-    return p
-
-
-def _run_plan(p: _Plan, x) -> torch.Tensor:
-    stream = torch._C._cuda_getCurrentRawStream(p.device.index)
-    xq = _quant.empty(p.xq_shape, torch.int8, p.device)
-    xs = _quant.empty((p.xq_shape[0], 1), torch.float32, p.device)
-    out = _quant.empty(p.out_shape, p.out_dtype, p.device)
-    vals = {_X: x.data_ptr(), _XQ: xq.data_ptr(), _XS: xs.data_ptr(), _OUT: out.data_ptr()}
-    p.aq(stream, *_fill(p.aq, p.aq_t, vals, xq))
-    p.mm(stream, *_fill(p.mm, p.mm_t, vals, xq))
-    return out
-
-
-def _rotated_linear_triton(x, wq, w_scale, g: int, bias, out_dtype):
-    plan = x.is_cuda and _quant.RAW_LAUNCH and not _quant.hooked()
-    if plan:
-        key = _plan_key(x, wq, w_scale, g, bias, out_dtype)
-        p = _PLANS.get(key)
-        if p is not None:
-            y = _run_plan(p, x)
-            return y if x.dim() == 2 else y.view(*x.shape[:-1], wq.shape[0])
+def _rotated_linear_triton(x, wq, w_scale, g: int, bias, out_dtype, kept: bool = True):
+    """``kept=False`` (the registered op, inside compiled graphs): no buffer outlives the call."""
     k = x.shape[-1]
     check_group(g, k)
-    _gemm.check_weight_side(wq, w_scale, FMT, bias, k)
-    out_dtype = out_dtype or x.dtype
-    lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
-    m = x2.shape[0]
-    from . import ops  # the row limit of the weight-only path (ops does not import this module)
-
+    m = x.numel() // k if k else 0
+    ops = _ops()
     if 0 < m <= ops.weight_only_max_m(x) and wq.is_contiguous():
         # few tokens: rotate in torch (cheap at this size) and let the weight-only kernel read the weight once
         # split_k=1: no kept workspace, so the path also runs inside CUDA-graph trees (reduce-overhead)
+        _gemm.check_weight_side(wq, w_scale, FMT, bias, k)
+        x2 = x.reshape(-1, k)
         cfg = dataclasses.replace(_configs.weight_only_config(FMT.name, m, wq.shape[0], k), split_k=1)
-        y = _gemm.weight_only_linear(F.rotate(x2.float(), g).to(x2.dtype), wq, w_scale, FMT, bias, out_dtype, cfg)
-    elif plan and m and wq.shape[0] and x2.data_ptr() == x.data_ptr():  # x2 a view of x: the plan reads x
-        y = _quant.empty((m, wq.shape[0]), out_dtype, x.device)
-        p = _build_plan(x2, wq, w_scale, g, bias, out_dtype, y)
-        if p is not None:
-            if len(_PLANS) >= 4096:
-                _PLANS.clear()
-            _PLANS[key] = p
-    else:
-        xq, xs = rotate_act_quant(x2, g)
-        y = _gemm.scaled_mm(xq, xs, wq, w_scale, FMT, bias, out_dtype, check=False)
-    return y if x.dim() == 2 else y.reshape(*lead, wq.shape[0])
+        y = _gemm.weight_only_linear(F.rotate(x2.float(), g).to(x2.dtype), wq, w_scale, FMT, bias,
+                                     out_dtype or x.dtype, cfg)  # fmt: skip
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], wq.shape[0])
+    return ops._linear_triton(x, wq, w_scale, FMT, bias, out_dtype, kept, _act(g))
 
 
 def rotated_linear(x, wq, w_scale, g: int, bias=None, out_dtype=None) -> torch.Tensor:
@@ -515,7 +429,9 @@ for _name, _schema, _impl, _fake in (
     ("rotate_act_quant", "rotate_act_quant(Tensor x, int g) -> (Tensor, Tensor)",
      lambda x, g: rotate_act_quant(x, g), _rotate_act_quant_fake),
     ("rotated_linear", "rotated_linear(Tensor x, Tensor wq, Tensor w_scale, int g, Tensor? bias, "
-     "ScalarType out_dtype) -> Tensor", _rotated_linear_triton, _rotated_linear_fake),
+     "ScalarType out_dtype) -> Tensor",
+     lambda x, wq, w_scale, g, bias, out_dtype: _rotated_linear_triton(x, wq, w_scale, g, bias, out_dtype, kept=False),
+     _rotated_linear_fake),
 ):  # fmt: skip
     _LIB.define(_schema)
     _LIB.impl(_name, _impl, "CUDA")
