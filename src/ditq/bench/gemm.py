@@ -4,6 +4,10 @@ process; for the block formats also the fused kernel (``kernels.fused``: activat
 column "<format> fused"). Checks correctness first (every format, every shape, against the torch reference), then times with
 ``triton.testing.do_bench`` medians, prints ratios vs bf16 with geometric means, and writes JSON.
 
+Timing of the shape table: every variant of a shape (bf16 included) once per round, ``--rounds`` rounds; each
+timing starts after ``--settle-ms`` of the same call (``settle``: at the power limit the GPU's clock lags the
+load of the last tenths of a second); a ratio is the median of the per-round ratios (``_round_ratios``).
+
 ``--tune`` first searches the candidate GEMM configurations per (format, shape) and writes the winners to
 ``--configs-out`` (ship them as ``ditq/kernels/gemm_configs.json``); timing then uses them.
 """
