@@ -31,6 +31,7 @@ half to even at integer precision and its low byte is the int8; no clamp: |v| <=
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -374,9 +375,16 @@ def rotated_linear_ref(x, wq, w_scale, g: int, bias=None, out_dtype=None, comput
 
 
 def _act(g: int):
-    return _ops().ActQuant(("rotate", g, KRON_256, F32_DOT),
-                           lambda x2, xq, xs: rotate_act_quant_spec(x2, xq, xs, g, False),
-                           lambda x2: rotate_act_quant(x2, g))  # fmt: skip
+    """The ActQuant of group size g under the current KRON_256 / F32_DOT (made once per combination: the eager
+    path asks for it on every call)."""
+    return _act_for(g, KRON_256, F32_DOT)
+
+
+@functools.lru_cache(maxsize=None)
+def _act_for(g: int, kron, f32_dot):
+    return _ops().ActQuant(("rotate", g, kron, f32_dot),
+                           lambda x2, xq, xs: rotate_act_quant_spec(x2, xq, xs, g, False, kron, f32_dot),
+                           lambda x2: rotate_act_quant(x2, g, kron=kron, f32_dot=f32_dot))  # fmt: skip
 
 
 def _ops():
