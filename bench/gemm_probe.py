@@ -13,6 +13,9 @@ back (``do_bench`` medians, L2 flushed), so drift of the GPU's clocks between ro
 ratio alike; the ratio reported is the median over rounds of the per-round ratios. Writes $OUT/probe.json.
 
     PYTHONPATH=src python3 bench/gemm_probe.py [--part gemm,act] [--rounds 3]
+
+Round 6 added ``--part gblock`` (the Gluon block-scaled kernel of ``bench/gluon_block.py`` against the shipped one,
+``--quick`` for 6 shapes) and ``--part lingap`` (act quant, GEMM and their sums side by side, clocks sampled).
 """
 
 from __future__ import annotations
@@ -441,6 +444,191 @@ def part_gluon(args, report) -> int:
     return failures
 
 
+def _ref_block(xq, xs, wq, ws) -> torch.Tensor:
+    """float64 sum over 128-K blocks of (xq_kb @ wq_kb^T) * x_scale[:, kb] * w_scale[n // 128, kb]."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    y = torch.zeros(m, n, dtype=torch.float64, device=xq.device)
+    wsn = ws.double().repeat_interleave(128, 0)[:n]
+    for kb in range(k // 128):
+        sl = slice(kb * 128, (kb + 1) * 128)
+        y += (xq[:, sl].double() @ wq[:, sl].double().T) * xs[:, kb:kb + 1].double() * wsn[:, kb][None, :]
+    return y
+
+
+def part_gblock(args, report) -> int:
+    """Round 6: the Gluon block-scaled GEMM (``bench/gluon_block.py``: the previous K block promoted while the
+    next one's wgmma runs) against the shipped Triton block kernel: accuracy against float64 first (odd
+    shapes, 1-4 K steps), then GPU time from CUDA-graph replays, settled, two interleaved rounds with bf16."""
+    import contextlib
+    import math
+
+    from ditq.bench.gemm import settle
+    from ditq.bench.timing import captured
+    import gluon_block as GB  # bench/gluon_block.py, beside this script
+
+    failures = 0
+    cfgs = {"g128/8w/3s pair": dict(block=(128, 128), num_warps=8, stages=3, pair=1),
+            "g128/8w/4s pair": dict(block=(128, 128), num_warps=8, stages=4, pair=1),
+            "g128/8w/3s one": dict(block=(128, 128), num_warps=8, stages=3, pair=0),
+            "g64/4w/3s pair": dict(block=(64, 128), num_warps=4, stages=3, pair=1)}  # fmt: skip
+    odd = [(1000, 2944, 3072), (77, 128, 256), (77, 256, 384), (130, 384, 128), (4608, 3072, 3072)]  # N, K: multiples of 128
+    report["gblock"] = {"check": [], "rows": []}
+    for fmt in args.formats.split(","):
+        if not F.get_format(fmt).is_block:
+            continue
+        for m, n, k in odd:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+            wq, ws = ops.quant_weight(w, fmt)
+            xq, xs = ops.act_quant(x, fmt)
+            ref = _ref_block(xq, xs, wq, ws) + bias.double()
+            den = float(ref.norm())
+            tri = G.scaled_mm(xq, xs, wq, ws, fmt, bias)
+            e_tri = float((tri.double() - ref).norm()) / den
+            row = {"fmt": fmt, "M": m, "N": n, "K": k, "triton_rel": e_tri}
+            for nm, kw in cfgs.items():
+                y = GB.block_mm(xq, xs, wq, ws, fmt, bias, **kw)
+                e = float((y.double() - ref).norm()) / den
+                row[nm] = {"rel": e, "equal_triton": bool(torch.equal(y, tri)), "finite": bool(torch.isfinite(y).all())}
+                if not (e <= 2 * e_tri + 1e-6) or not row[nm]["finite"]:
+                    failures += 1
+                    print(f"FAIL {fmt} {nm} {m}x{n}x{k}: rel err {e:.3g} vs triton {e_tri:.3g}", flush=True)
+            report["gblock"]["check"].append(row)
+            print(f"  check {fmt} {m}x{n}x{k}: triton {e_tri:.2e} " + " ".join(
+                f"{nm}={row[nm]['rel']:.2e}{'=' if row[nm]['equal_triton'] else ''}" for nm in cfgs), flush=True)
+    if failures:
+        return failures
+
+    def settled(g):
+        est = do_bench(g, warmup=2, rep=2, return_mode="median")
+        settle(g, est, 200.0)
+        return do_bench(g, warmup=5, rep=max(20.0, 8 * est), return_mode="median")
+
+    shapes = [s for s in SHAPES if s[1] >= 4096 or (s[1] == 1024 and args.quick is False)]
+    if args.quick:  # one call's worth: a shape of each model
+        shapes = [s for s in shapes if (s[2], s[3]) in ((3072, 3072), (3072, 12288), (5120, 5120), (4096, 4096),
+                                                        (4096, 16384), (1792, 7168))]  # fmt: skip
+    for fmt in args.formats.split(","):
+        if not F.get_format(fmt).is_block:
+            continue
+        rows = []
+        for tag, m, n, k in shapes:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+            wq, ws = ops.quant_weight(w, fmt)
+            xq, xs = ops.act_quant(x, fmt)
+            fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias),
+                   "triton gemm": lambda: G.scaled_mm(xq, xs, wq, ws, fmt, bias),
+                   "triton linear": lambda: G.scaled_mm(*Q.act_quant(x, fmt), wq, ws, fmt, bias)}  # fmt: skip
+            for nm, kw in cfgs.items():
+                fns[nm + " gemm"] = lambda kw=kw: GB.block_mm(xq, xs, wq, ws, fmt, bias, **kw)
+                fns[nm + " linear"] = lambda kw=kw: GB.block_mm(*Q.act_quant(x, fmt), wq, ws, fmt, bias, **kw)
+            with contextlib.ExitStack() as stack:
+                graphs = {nm: stack.enter_context(captured(fn)).replay for nm, fn in fns.items()}
+                times = _interleaved(graphs, settled, 2)
+            ratio = _round_ratios(times)
+            rows.append({"M": m, "N": n, "K": k, "ms": times, "ratio": ratio})
+            print(f"  {fmt} {m:6d}x{n:6d}x{k:6d} " + " ".join(f"{nm}={r:.2f}" for nm, r in ratio.items() if nm != "bf16"),
+                  flush=True)  # fmt: skip
+            del x, w, fns
+            torch.cuda.empty_cache()
+        big = [r for r in rows if r["M"] >= 4096]
+        geo = {nm: math.exp(sum(math.log(r["ratio"][nm]) for r in big) / len(big)) for nm in big[0]["ratio"]}
+        best = math.exp(sum(math.log(max(v for nm, v in r["ratio"].items() if nm.endswith("linear"))) for r in big) / len(big))
+        print(f"  {fmt} geomean M >= 4096 (graph replays, settled): " + " ".join(f"{nm}={g:.3f}" for nm, g in geo.items()))
+        print(f"  {fmt} best linear per shape, geomean: {best:.3f}", flush=True)
+        report["gblock"]["rows"] += [dict(r, fmt=fmt) for r in rows]
+        report["gblock"].setdefault("geomean", {})[fmt] = dict(geo, best_linear=best)
+    return failures
+
+
+def part_lingap(args, report) -> int:
+    """Round 6: why int8-row's linear costs its GEMM + the whole act quant while fp8-row's costs about its GEMM
+    alone (final run: 16384x4096x4096 int8 536 vs 483 us, fp8 512 vs 496). Per shape and format, CUDA-graph
+    replays timed by ``do_bench`` (L2 flushed between calls, as the benchmark), each settled: act quant alone,
+    GEMM alone, act quant + GEMM (the linear), the *other* format's act quant + this GEMM (bytes reinterpreted),
+    a copy of the same bytes + GEMM (a low-power phase that leaves xq out of L2), a read of xq + GEMM (xq in L2,
+    little time), with the SM clock sampled by nvidia-smi while each settles."""
+    import contextlib
+    import threading
+
+    from ditq.bench.gemm import settle
+    from ditq.bench.timing import captured
+
+    def clocks_during(fn):
+        vals, stop = [], threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5, check=False).stdout.strip()  # fmt: skip
+                try:
+                    c, w = out.split(",")
+                    vals.append((float(c), float(w)))
+                except ValueError:
+                    pass
+                time.sleep(0.05)
+
+        th = threading.Thread(target=poll)
+        th.start()
+        try:
+            r = fn()
+        finally:
+            stop.set()
+            th.join()
+        return r, vals
+
+    def timed(g):
+        est = do_bench(g, warmup=2, rep=2, return_mode="median")
+        settle(g, est, 300.0)
+        return do_bench(g, warmup=5, rep=max(30.0, 10 * est), return_mode="median")
+
+    rows = []
+    shapes = [(4608, 3072, 3072), (4608, 12288, 3072), (16384, 4096, 4096), (8192, 1792, 1792)]
+    for m, n, k in shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+        src = torch.empty(m * k * 3 // 2, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        for fmt, other in (("int8-row", "fp8-row"), ("fp8-row", "int8-row")):
+            wq, ws = ops.quant_weight(w, fmt)
+            xq, xs = ops.act_quant(x, fmt)
+            dt = xq.dtype
+            fns = {"aq": lambda fmt=fmt: Q.act_quant(x, fmt),
+                   "gemm": lambda: G.scaled_mm(xq, xs, wq, ws, fmt, bias),
+                   "aq+gemm": lambda fmt=fmt: G.scaled_mm(*Q.act_quant(x, fmt), wq, ws, fmt, bias),
+                   "linear": lambda: ops.linear(x, wq, ws, fmt, bias),
+                   f"aq({other})+gemm": lambda other=other, dt=dt: (lambda q, s: G.scaled_mm(q.view(dt), s, wq, ws, fmt, bias))(
+                       *Q.act_quant(x, other)),
+                   "copy+gemm": lambda: (dst.copy_(src), G.scaled_mm(xq, xs, wq, ws, fmt, bias)),
+                   "readxq+gemm": lambda: (xq.view(torch.uint8)[::64].sum(), G.scaled_mm(xq, xs, wq, ws, fmt, bias))}  # fmt: skip
+            res = {}
+            with contextlib.ExitStack() as stack:
+                graphs = {nm: stack.enter_context(captured(fn)).replay for nm, fn in fns.items()}
+                for rnd in range(2):
+                    for nm, g in graphs.items():
+                        t, cl = clocks_during(lambda g=g: timed(g))
+                        res.setdefault(nm, {"us": [], "mhz": [], "w": []})
+                        res[nm]["us"].append(t * 1e3)
+                        res[nm]["mhz"] += [c for c, _ in cl]
+                        res[nm]["w"] += [p for _, p in cl]
+            row = {"M": m, "N": n, "K": k, "fmt": fmt}
+            for nm, v in res.items():
+                row[nm] = {"us": statistics.median(v["us"]), "mhz": statistics.median(v["mhz"]) if v["mhz"] else None,
+                           "w": statistics.median(v["w"]) if v["w"] else None}  # fmt: skip
+            rows.append(row)
+            print(f"  {fmt:8s} {m}x{n}x{k}: " + " | ".join(f"{nm} {row[nm]['us']:.1f}us {row[nm]['mhz']}MHz {row[nm]['w']}W"
+                                                          for nm in res), flush=True)  # fmt: skip
+        del x, w, src, dst
+        torch.cuda.empty_cache()
+    report["lingap"] = rows
+    return 0
+
+
 def part_act(args, report) -> int:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -496,7 +684,7 @@ def main() -> int:
     t0 = time.time()
     for part in args.part.split(","):
         failures += {"gemm": part_gemm, "plans": part_plans, "act": part_act, "gap": part_gap, "lintune": part_lintune,
-                     "power": part_power, "gluon": part_gluon}[part](args, report)
+                     "power": part_power, "gluon": part_gluon, "gblock": part_gblock, "lingap": part_lingap}[part](args, report)
         print(f"== {part}: {time.time() - t0:.0f} s, smi {smi()}", flush=True)
         report["failures"] = failures
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "probe.json"), "w") as fh:  # after every part
