@@ -48,12 +48,34 @@ def bench(fn, rep_ms=15.0):
     return do_bench(fn, warmup=5, rep=max(rep_ms, 8 * t), return_mode="median")
 
 
+def _settled(fn):
+    """``do_bench`` median after 200 ms of the same call (the GPU's clock follows its load: round 5)."""
+    from ditq.bench.gemm import settle
+
+    est = do_bench(fn, warmup=2, rep=2, return_mode="median")
+    settle(fn, est, 200.0)
+    return do_bench(fn, warmup=5, rep=max(20.0, 8 * est), return_mode="median")
+
+
 def smi() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu",
                                "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
     except Exception as e:  # noqa: BLE001
         return f"nvidia-smi: {e}"
+
+
+def variants_bk256(fmt: str, m: int, n: int, k: int) -> dict[str, Config]:
+    """Round 6: row formats with 256-wide K steps (half the per-step MMA waits and loop overhead of int8)."""
+    shipped = CF.get_config(fmt, m, n, k)
+    v = {"shipped": shipped}
+    for name, c in {"128x256x256/8w/2s": Config(128, 256, 256, 8, 8, 2, tail_split=4),
+                    "128x128x256/8w/3s": Config(128, 128, 256, 8, 8, 3, tail_split=4),
+                    "128x128x256/4w/3s": Config(128, 128, 256, 8, 4, 3, tail_split=4),
+                    "256x128x256/8w/2s": Config(256, 128, 256, 8, 8, 2, tail_split=4)}.items():  # fmt: skip
+        if k % 256 == 0:
+            v[name] = c
+    return v
 
 
 def variants(fmt: str, m: int, n: int, k: int) -> dict[str, Config]:
@@ -95,7 +117,7 @@ def part_gemm(args, report) -> int:
             sub = slice(0, 256)  # float64 reference on the first rows
             ref = F.scaled_mm_ref(xq[sub], xs[sub], wq, ws, f, bias, torch.float64, torch.float64)
             plain = None
-            for name, c in variants(fmt, m, n, k).items():
+            for name, c in (variants_bk256 if args.bk256 else variants)(fmt, m, n, k).items():
                 try:
                     y = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.bfloat16, config=c)
                     y2 = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.bfloat16, config=c)  # counters reset?
@@ -118,7 +140,7 @@ def part_gemm(args, report) -> int:
             fns[f"{fmt} linear"] = lambda wq=wq, ws=ws, fmt=fmt: ops.linear(x, wq, ws, fmt, bias)
             fns[f"{fmt} act_quant"] = lambda fmt=fmt: Q.act_quant(x, fmt)
             del xq, xs, ref
-        times = _interleaved(fns, bench, args.rounds)
+        times = _interleaved(fns, _settled if args.bk256 else bench, args.rounds)
         bf = times["bf16"]
         ratio = _round_ratios(times)
         row = {"M": m, "N": n, "K": k, "ms": times, "ratio": ratio, "err": errs,
@@ -629,6 +651,53 @@ def part_lingap(args, report) -> int:
     return 0
 
 
+def part_epi(args, report) -> int:
+    """Round 6: ``_scaled_mm_kernel`` with one ``_epilogue`` call (the tail's sum joins the accumulator) against
+    the previous three-call kernel: the previous one spills 128 registers in its tail-split int8 / fp8 128x256
+    kernels. ``--old-gemm PATH``: that kernel's module (round 6 ran 676bfc4's ``src/ditq/kernels/gemm.py`` with its
+    relative imports made absolute). Same configs, bit-equality, then settled interleaved timing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ditq_gemm_old", args.old_gemm)
+    OLD = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = OLD  # dataclasses look their module up
+    spec.loader.exec_module(OLD)
+
+    failures = 0
+    rows = []
+    shapes = [s for s in SHAPES if s[1] >= 4096]
+    for tag, m, n, k in shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+        fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias)}
+        for fmt in args.formats.split(","):
+            f = F.get_format(fmt)
+            wq, ws = ops.quant_weight(w, fmt)
+            xq, xs = ops.act_quant(x, fmt)
+            c = CF.get_config(fmt, m, n, k)
+            y_new = G.scaled_mm(xq, xs, wq, ws, f, bias, torch.bfloat16, config=c)
+            y_old = OLD.scaled_mm(xq, xs, wq, ws, f, bias, torch.bfloat16, config=OLD.Config.from_list(c.as_list()))
+            if not torch.equal(y_new, y_old):
+                failures += 1
+                print(f"FAIL {fmt} {m}x{n}x{k}: new epilogue differs (max {float((y_new.float() - y_old.float()).abs().max()):.3g})")
+            fns[f"{fmt} new"] = lambda xq=xq, xs=xs, wq=wq, ws=ws, f=f, c=c: G.scaled_mm(xq, xs, wq, ws, f, bias, torch.bfloat16, config=c)
+            oc = OLD.Config.from_list(c.as_list())
+            fns[f"{fmt} old"] = lambda xq=xq, xs=xs, wq=wq, ws=ws, f=f, oc=oc: OLD.scaled_mm(xq, xs, wq, ws, f, bias, torch.bfloat16, config=oc)
+        times = _interleaved(fns, _settled, 2)
+        ratio = _round_ratios(times)
+        rows.append({"M": m, "N": n, "K": k, "ratio": ratio, "ms": times})
+        print(f"  {m}x{n}x{k} " + " ".join(f"{nm}={r:.3f}" for nm, r in ratio.items() if nm != "bf16"), flush=True)
+        del x, w, fns
+        torch.cuda.empty_cache()
+    import math
+
+    geo = {nm: math.exp(sum(math.log(r["ratio"][nm]) for r in rows) / len(rows)) for nm in rows[0]["ratio"]}
+    print("  geomean M >= 4096 (GEMM alone, settled): " + " ".join(f"{nm}={g:.3f}" for nm, g in geo.items()))
+    report["epi"] = {"rows": rows, "geomean_M_ge_4096": geo}
+    return failures
+
+
 def part_act(args, report) -> int:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -675,6 +744,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--formats", default=",".join(FMTS))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--old-gemm", default="bench/_gemm_old.py", help="part epi: the previous gemm module's path")
+    p.add_argument("--bk256", action="store_true", help="part gemm: 256-wide K step variants, settled timing")
     p.add_argument("--gluon-all", action="store_true", help="part gluon: also the 3-stage and 256x128 variants")
     args = p.parse_args()
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -684,7 +755,7 @@ def main() -> int:
     t0 = time.time()
     for part in args.part.split(","):
         failures += {"gemm": part_gemm, "plans": part_plans, "act": part_act, "gap": part_gap, "lintune": part_lintune,
-                     "power": part_power, "gluon": part_gluon, "gblock": part_gblock, "lingap": part_lingap}[part](args, report)
+                     "power": part_power, "gluon": part_gluon, "gblock": part_gblock, "lingap": part_lingap, "epi": part_epi}[part](args, report)
         print(f"== {part}: {time.time() - t0:.0f} s, smi {smi()}", flush=True)
         report["failures"] = failures
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "probe.json"), "w") as fh:  # after every part

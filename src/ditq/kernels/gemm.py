@@ -310,6 +310,7 @@ def _scaled_mm_kernel(
                                stride_xm, stride_xk, stride_wn, stride_wk, USE_TMA, EVEN_K,
                                BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=dot_ty)
+    write = pid >= 0  # every program writes its tile but a tail slice that is not the last to arrive
     if TAIL:
         if in_tail:
             sub = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -317,23 +318,16 @@ def _scaled_mm_kernel(
             tl.store(part + s_tail * (BLOCK_M * BLOCK_N), acc)
             tl.debug_barrier()  # every thread's slice is written before the release below
             arrived = tl.atomic_add(count_ptr + t_tail, 1, sem="acq_rel", scope="gpu")
-            if arrived == tail_s - 1:
-                total = tl.load(part, cache_modifier=".cg")  # .cg: the other programs' slices from L2, not L1
+            write = arrived == tail_s - 1
+            if write:
+                acc = tl.load(part, cache_modifier=".cg")  # .cg: the other programs' slices from L2, not L1
                 for j2 in range(1, tail_s):
-                    total += tl.load(part + j2 * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+                    acc += tl.load(part + j2 * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + t_tail, 0, sem="relaxed", scope="gpu")
-                _epilogue(total, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm,
-                          stride_wsn, xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS,
-                          MANUAL_RNE, BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
-        else:
-            _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
-                      xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
-                      BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
-    else:
+    if write:
         _epilogue(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, out_ptr, stride_om, stride_xsm, stride_wsn,
                   xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
                   BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
-
 
 _SMS: dict = {}
 
