@@ -155,7 +155,10 @@ def test_lse_merges_key_shards(pv, fresh_seed):
     o2, l2 = attention(q, k[:, :, cut:], v[:, :, cut:], pv=pv, return_lse=True)
     merged, lse = merge_attention([o1, o2], [l1, l2])
     exact, lse_x = attention_ref(q, k, v, quantize=False)
-    assert (lse - lse_x).abs().max() < 0.05, f"seed {fresh_seed}: lse error {(lse - lse_x).abs().max()}"
+    # the LSE error is the int8 QK product's (the unsharded kernel's: median 0.028, max 0.048 over 70 seeds;
+    # merged shards, each smoothed and quantized on its own: median 0.027, max 0.056); a wrong merge is off by
+    # O(log 2) = 0.69 (a shard lost or counted twice)
+    assert (lse - lse_x).abs().max() < 0.08, f"seed {fresh_seed}: lse error {(lse - lse_x).abs().max()}"
     cos, rel = metrics(merged, exact)
     assert cos >= GOALS[pv][0] and rel <= GOALS[pv][1], f"seed {fresh_seed}: cos {cos:.6f} rel L1 {rel:.4f}"
 
