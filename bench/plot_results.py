@@ -5,7 +5,7 @@
 - gemm: every format's full linear (activation quantization included) vs cuBLAS bf16 per benchmarked shape,
   eager and replayed as CUDA graphs, with issue 3's goals (``bench/results/gemm-h200.json``).
 - model: one full transformer forward per architecture, each format's eager speed vs bf16 eager and weight
-  memory vs bf16 (``bench/results/model-h200-round3-run1.json`` for Flux and Wan, ``model-others-h200.json``).
+  memory vs bf16 (``bench/results/model-{flux,wan}-h200-round6.json``, ``model-others-h200.json``).
 - autoquant: speed vs bf16 against output cosine for bf16, each single format and autoquant at each target,
   Flux and Wan (``bench/results/autoquant-{flux,wan}-h200.json``).
 """
@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     res, img = Path(a.results), Path(a.out)
     made = [gemm(res / "gemm-h200.json", img / "gemm-h200.png"),
-            model([res / "model-h200-round3-run1.json", res / "model-others-h200.json"], img / "model-h200.png"),
+            model([res / "model-flux-h200-round6.json", res / "model-wan-h200-round6.json", res / "model-others-h200.json"],
+                  img / "model-h200.png"),
             autoquant([res / "autoquant-flux-h200.json", res / "autoquant-wan-h200.json"], img / "autoquant-h200.png")]
     for m in made:
         print(f"wrote {m} ({m.stat().st_size / 1e3:.0f} kB)")
