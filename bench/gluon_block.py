@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover
 from ditq import formats as F
 from ditq.kernels import INTERPRET
 from ditq.kernels import quant as _quant
+from ditq.kernels.gemm import _tile_coords as tile_coords  # scalar arithmetic: callable from Gluon too
 
 if HAS_GLUON:
 
@@ -153,6 +154,18 @@ if HAS_GLUON:
         return acc
 
     @gluon.jit
+    def _carry_step(acc, p, prev, a_bufs, b_bufs, bars, x_desc, w_desc, xs_row, ws_row, step, k_steps, off_m, off_n,
+                    stride_xsk, stride_wsk, IS_INT: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        """Start step ``step`` into ``p`` while ``prev`` (step - 1) is in flight, wait for ``prev``, refill its
+        stage and promote it; ``p`` stays in flight on return."""
+        acc = _pin(acc)
+        p = _issue(a_bufs, b_bufs, bars, step, p, STAGES)
+        prev = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
+        _load_step(x_desc, w_desc, a_bufs, b_bufs, bars, step - 1 + STAGES, k_steps, off_m, off_n, STAGES)
+        acc = _promote(acc, prev, xs_row, ws_row, step - 1, stride_xsk, stride_wsk, IS_INT)
+        return acc, p, prev
+
+    @gluon.jit
     def _carried(acc, pa, a_bufs, b_bufs, bars, x_desc, w_desc, xs_row, ws_row, k_steps, off_m, off_n, stride_xsk,
                  stride_wsk, IS_INT: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
         """The K loop with one product always in flight (across the back edge too): step k is issued before
@@ -160,16 +173,10 @@ if HAS_GLUON:
         pb = pa
         pa = _issue(a_bufs, b_bufs, bars, 0, pa, STAGES)
         for k in range(1, k_steps - 1, 2):  # top: step k - 1 in flight in pa
-            acc = _pin(acc)
-            pb = _issue(a_bufs, b_bufs, bars, k, pb, STAGES)
-            pa = warpgroup_mma_wait(num_outstanding=1, deps=(pa, ))
-            _load_step(x_desc, w_desc, a_bufs, b_bufs, bars, k - 1 + STAGES, k_steps, off_m, off_n, STAGES)
-            acc = _promote(acc, pa, xs_row, ws_row, k - 1, stride_xsk, stride_wsk, IS_INT)
-            acc = _pin(acc)
-            pa = _issue(a_bufs, b_bufs, bars, k + 1, pa, STAGES)
-            pb = warpgroup_mma_wait(num_outstanding=1, deps=(pb, ))
-            _load_step(x_desc, w_desc, a_bufs, b_bufs, bars, k + STAGES, k_steps, off_m, off_n, STAGES)
-            acc = _promote(acc, pb, xs_row, ws_row, k, stride_xsk, stride_wsk, IS_INT)
+            acc, pb, pa = _carry_step(acc, pb, pa, a_bufs, b_bufs, bars, x_desc, w_desc, xs_row, ws_row, k, k_steps,
+                                      off_m, off_n, stride_xsk, stride_wsk, IS_INT, STAGES)  # fmt: skip
+            acc, pa, pb = _carry_step(acc, pa, pb, a_bufs, b_bufs, bars, x_desc, w_desc, xs_row, ws_row, k + 1,
+                                      k_steps, off_m, off_n, stride_xsk, stride_wsk, IS_INT, STAGES)  # fmt: skip
         pa = warpgroup_mma_wait(num_outstanding=0, deps=(pa, ))
         acc = _promote(acc, pa, xs_row, ws_row, k_steps - 2 + k_steps % 2, stride_xsk, stride_wsk, IS_INT)
         if k_steps % 2 == 0:
@@ -183,14 +190,7 @@ if HAS_GLUON:
                       STAGES: gl.constexpr, PAIR: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
-        size_m = gl.minimum(num_m - first_m, GROUP_M)
-        off_m = (first_m + (pid % in_group) % size_m) * BLOCK_M
-        off_n = ((pid % in_group) // size_m) * BLOCK_N
+        off_m, off_n = tile_coords(gl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, 128], x_desc.layout)
         b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, 128], w_desc.layout)

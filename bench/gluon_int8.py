@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover
 
 from ditq.kernels import INTERPRET
 from ditq.kernels import quant as _quant
+from ditq.kernels.gemm import _tile_coords as tile_coords  # scalar arithmetic: callable from Gluon too
 
 if HAS_GLUON:
 
@@ -51,15 +52,7 @@ if HAS_GLUON:
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-        # grouped tile order (as gemm._tile_coords): GROUP_M row tiles sweep the N tiles together
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
-        size_m = gl.minimum(num_m - first_m, GROUP_M)
-        off_m = (first_m + (pid % in_group) % size_m) * BLOCK_M
-        off_n = ((pid % in_group) // size_m) * BLOCK_N
+        off_m, off_n = tile_coords(gl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
