@@ -98,10 +98,20 @@ def variants(fmt: str, m: int, n: int, k: int) -> dict[str, Config]:
 
 def part_gemm(args, report) -> int:
     failures = 0
-    shapes = [s for s in SHAPES if s[1] >= 1024]
+    shapes = [s for s in SHAPES if s[1] >= (4096 if args.settled else 1024)]
     if args.quick:
         shapes = [s for s in shapes if (s[1], s[2], s[3]) in {(4608, 3072, 3072), (16384, 4096, 4096), (1024, 3072, 3072)}]
     fmts = [f for f in args.formats.split(",") if f]
+    if args.block_occupancy:  # round 6: the tail split sized by the block kernels' real occupancy
+        def block_ctas_per_sm(c: Config) -> int:
+            """As ``gemm.ctas_per_sm`` with the block kernels' registers: the fp32 accumulator and one (dot2: two)
+            partial product tiles (128x128 / 8 warps dot2: 243 registers in ptxas, 1 program per SM)."""
+            regs = min(255, (2 + c.dot2) * c.block_m * c.block_n // (32 * c.num_warps) + 48)
+            smem = c.num_stages * (c.block_m + c.block_n) * c.block_k + 1024
+            return max(1, min(G.SMEM_BYTES // smem, 64 // c.num_warps, 65536 // (regs * 32 * c.num_warps)))
+
+        assert all(F.get_format(f).is_block for f in fmts), "--block-occupancy: block formats only"
+        G.ctas_per_sm = block_ctas_per_sm
     rows = []
     for tag, m, n, k in shapes:
         torch.manual_seed(m + n + k)
@@ -140,7 +150,7 @@ def part_gemm(args, report) -> int:
             fns[f"{fmt} linear"] = lambda wq=wq, ws=ws, fmt=fmt: ops.linear(x, wq, ws, fmt, bias)
             fns[f"{fmt} act_quant"] = lambda fmt=fmt: Q.act_quant(x, fmt)
             del xq, xs, ref
-        times = _interleaved(fns, _settled if args.bk256 else bench, args.rounds)
+        times = _interleaved(fns, _settled if args.bk256 or args.settled else bench, args.rounds)
         bf = times["bf16"]
         ratio = _round_ratios(times)
         row = {"M": m, "N": n, "K": k, "ms": times, "ratio": ratio, "err": errs,
@@ -745,6 +755,9 @@ def main() -> int:
     p.add_argument("--formats", default=",".join(FMTS))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--old-gemm", default="bench/_gemm_old.py", help="part epi: the previous gemm module's path")
+    p.add_argument("--settled", action="store_true", help="part gemm: settled timing, shapes with M >= 4096")
+    p.add_argument("--block-occupancy", action="store_true",
+                   help="part gemm: size the tail split by the block kernels' occupancy (product tile registers)")
     p.add_argument("--bk256", action="store_true", help="part gemm: 256-wide K step variants, settled timing")
     p.add_argument("--gluon-all", action="store_true", help="part gluon: also the 3-stage and 256x128 variants")
     args = p.parse_args()
