@@ -356,6 +356,9 @@ def part_power(args, report) -> int:
     nvidia-smi sampling: SM clock, board power and the achieved rate (bf16, cuBLAS int8 / fp8, ditq int8-row /
     fp8-row with the same 128x256 tile). Then order: the int8-row linear timed right after 0.3 s of another
     kernel (bf16, cuBLAS fp8, itself) or after 0.3 s idle."""
+    if args.gluon_persistent:  # no sustained-power part in round 6's call
+        report["gluon"] = {"rows": rows, "geomean_M_ge_4096": geo}
+        return failures
     m, n, k = 16384, 4096, 4096
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -404,7 +407,7 @@ def part_gluon(args, report) -> int:
 
     failures = 0
     rows = []
-    shapes = [s for s in SHAPES if s[1] >= 1024]
+    shapes = [s for s in SHAPES if s[1] >= (4096 if args.gluon_persistent else 1024)]
     odd = [("odd", 1000, 3000, 3072), ("odd", 77, 136, 256)]
     for tag, m, n, k in odd + shapes:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -416,10 +419,18 @@ def part_gluon(args, report) -> int:
         variants = {"gluon 4st": dict(stages=4), "gluon regA": dict(stages=4, a_in_regs=True)}
         if args.gluon_all:  # round 5's first call: also 3 stages and the 256x128 tile
             variants.update({"gluon 3st": dict(stages=3), "gluon 256x128": dict(block=(256, 128, 128), stages=3)})
+        if args.gluon_persistent:  # round 6: the persistent kernel with the TMA-store epilogue
+            variants = {"gluon 4st": dict(stages=4), "persistent 3st": dict(persistent=True, stages=3),
+                        "persistent 2st": dict(persistent=True, stages=2)}  # fmt: skip
+
+        def run(kw, *a):
+            kw = dict(kw)
+            return (GG.int8_row_mm_persistent if kw.pop("persistent", False) else GG.int8_row_mm)(*a, **kw)
+
         ok = {}
         for nm, kw in variants.items():
             try:
-                y = GG.int8_row_mm(xq, xs, wq, ws, bias, **kw)
+                y = run(kw, xq, xs, wq, ws, bias)
                 ok[nm] = torch.equal(y, ref)
             except Exception as e:  # noqa: BLE001
                 print(f"  {nm} {m}x{n}x{k}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -436,8 +447,8 @@ def part_gluon(args, report) -> int:
                "triton linear": lambda: G.scaled_mm(*Q.act_quant(x, "int8-row"), wq, ws, "int8-row", bias)}  # fmt: skip
         for nm, kw in variants.items():
             if ok[nm]:
-                fns[nm + " gemm"] = lambda kw=kw: GG.int8_row_mm(xq, xs, wq, ws, bias, **kw)
-                fns[nm + " linear"] = lambda kw=kw: GG.int8_row_mm(*Q.act_quant(x, "int8-row"), wq, ws, bias, **kw)
+                fns[nm + " gemm"] = lambda kw=kw: run(kw, xq, xs, wq, ws, bias)
+                fns[nm + " linear"] = lambda kw=kw: run(kw, *Q.act_quant(x, "int8-row"), wq, ws, bias)
         import contextlib
 
         def settled(g):
@@ -461,6 +472,9 @@ def part_gluon(args, report) -> int:
     print("  geomean M >= 4096 (graph replays, settled): " + " ".join(f"{nm}={g:.3f}" for nm, g in geo.items()))
     best_lin = math.exp(sum(math.log(max(v for nm, v in r["ratio"].items() if nm.endswith("linear"))) for r in big) / len(big))
     print(f"  best linear per shape (triton or gluon), geomean: {best_lin:.3f}")
+    if args.gluon_persistent:  # no sustained-power part in round 6's call
+        report["gluon"] = {"rows": rows, "geomean_M_ge_4096": geo}
+        return failures
     m, n, k = 16384, 4096, 4096
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -755,6 +769,7 @@ def main() -> int:
     p.add_argument("--formats", default=",".join(FMTS))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--old-gemm", default="bench/_gemm_old.py", help="part epi: the previous gemm module's path")
+    p.add_argument("--gluon-persistent", action="store_true", help="part gluon: the persistent TMA-store kernel (round 6)")
     p.add_argument("--settled", action="store_true", help="part gemm: settled timing, shapes with M >= 4096")
     p.add_argument("--block-occupancy", action="store_true",
                    help="part gemm: size the tail split by the block kernels' occupancy (product tile registers)")

@@ -32,7 +32,8 @@ import triton
 try:  # triton >= 3.5
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
     HAS_GLUON = True
@@ -103,6 +104,83 @@ if HAS_GLUON:
         gl.store(out, y.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
+    @gluon.jit
+    def _load_global(x_desc, w_desc, a_bufs, b_bufs, bars, p, total, k_steps, pid, M, N, NUM_PROGRAMS: gl.constexpr,
+                     GROUP_M: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        """TMA loads of this program's global step ``p`` (tile ``p // k_steps`` of its tiles, K step ``p % k_steps``)
+        into ring stage ``p % STAGES``; nothing past the last step."""
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+        off_m, off_n = tile_coords(pid + (p // k_steps) * NUM_PROGRAMS, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        k = (p % k_steps) * BLOCK_K
+        s = p % STAGES
+        ok = p < total
+        mbarrier.expect(bars.index(s), nbytes, pred=ok)
+        tma.async_copy_global_to_shared(x_desc, [off_m, k], bars.index(s), a_bufs.index(s), pred=ok)
+        tma.async_copy_global_to_shared(w_desc, [off_n, k], bars.index(s), b_bufs.index(s), pred=ok)
+
+    @gluon.jit(do_not_specialize=["M"])
+    def _int8_row_persistent_kernel(x_desc, w_desc, o_desc, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_xsm, stride_wsn,
+                                    HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                                    INSTR_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        """Round 6: one program per SM looping over its tiles; the ring's loads are numbered over (tile, K step)
+        so they run ahead across tile boundaries (the next tile's first steps load while this one's epilogue runs);
+        async wgmma with one step in flight; the epilogue goes through shared memory and a TMA store (the round-5
+        kernel stored straight from the MMA layout, 4-byte stores)."""
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        pid = gl.program_id(0)
+        num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, x_desc.block_type.shape[1])
+        my_tiles = (num_tiles - pid + NUM_PROGRAMS - 1) // NUM_PROGRAMS
+        total = my_tiles * k_steps
+
+        a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+        b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        o_smem = gl.allocate_shared_memory(o_desc.dtype, o_desc.block_type.shape, o_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        for i in gl.static_range(STAGES - 1):
+            _load_global(x_desc, w_desc, a_bufs, b_bufs, bars, i, total, k_steps, pid, M, N, NUM_PROGRAMS, GROUP_M,
+                         STAGES)  # fmt: skip
+
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, INSTR_N, 32])  # fmt: skip
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma)
+        for t in range(my_tiles):  # outer loop: no MMA in flight across its back edge
+            for k in range(k_steps):  # one step's MMA in flight across this loop's back edge, as in _int8_row_kernel
+                c = t * k_steps + k
+                s = c % STAGES
+                mbarrier.wait(bars.index(s), (c // STAGES) & 1)
+                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=k != 0,
+                                    is_async=True)  # fmt: skip
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # step c - 1 done: its stage is free
+                _load_global(x_desc, w_desc, a_bufs, b_bufs, bars, c + STAGES - 1, total, k_steps, pid, M, N,
+                             NUM_PROGRAMS, GROUP_M, STAGES)  # fmt: skip
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            off_m, off_n = tile_coords(pid + t * NUM_PROGRAMS, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+            rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+            xs = gl.load(xs_ptr + (rm % M).to(gl.int64) * stride_xsm)
+            ws = gl.load(ws_ptr + (rn % N) * stride_wsn)
+            y = acc.to(gl.float32) * xs[:, None] * ws[None, :]
+            if HAS_BIAS:
+                y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
+            tma.store_wait(0)  # the previous tile's store has left o_smem
+            o_smem.store(y.to(o_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [off_m, off_n], o_smem)
+            # the next tile starts with use_acc=False: a fresh value ends this one's live range here, so y and
+            # the accumulator are not both live across the epilogue
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma)
+        tma.store_wait(0)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+
 def available(t: torch.Tensor) -> bool:
     """Whether the Gluon kernel can run on ``t`` (a CUDA tensor of a Hopper-or-later GPU, not the interpreter)."""
     return HAS_GLUON and not INTERPRET and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
@@ -134,3 +212,30 @@ def int8_row_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, b
                            A_IN_REGS=a_in_regs, num_warps=num_warps)  # fmt: skip
     return out
 
+
+def int8_row_mm_persistent(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, block=(128, 256, 128),
+                           num_warps=8, stages=3, group_m=8) -> torch.Tensor:  # fmt: skip
+    """As ``int8_row_mm`` by the persistent kernel with the TMA-store epilogue (round 6); ``out`` needs 16-byte
+    aligned rows (N * 2 bytes a multiple of 16)."""
+    bm, bn, bk = block
+    m, k = xq.shape
+    n = wq.shape[0]
+    out = _quant.empty((m, n), out_dtype, xq.device)
+    if not (m and n and k):
+        from ditq.kernels.gemm import _empty_product
+
+        return _empty_product(out, bias)
+    xd = GluonDescriptor(xq, list(xq.shape), list(xq.stride()), [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8))
+    wd = GluonDescriptor(wq, list(wq.shape), list(wq.stride()), [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    ot = gl.bfloat16 if out_dtype == torch.bfloat16 else gl.float16
+    od = GluonDescriptor(out, list(out.shape), list(out.stride()), [bm, bn], gl.NVMMASharedLayout.get_default_for([bm, bn], ot))
+    xs = x_scale.reshape(m, -1)
+    ws = w_scale.reshape(n, -1)
+    from ditq.kernels.gemm import _num_sms
+
+    programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), _num_sms(xq.device))
+    _int8_row_persistent_kernel[(programs,)](xd, wd, od, xs, ws, bias, m, n, k, xs.stride(0), ws.stride(0),
+                                             HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages,
+                                             INSTR_N=128 if bn % 128 == 0 else bn, NUM_PROGRAMS=programs,
+                                             num_warps=num_warps)  # fmt: skip
+    return out
