@@ -421,7 +421,7 @@ def part_gluon(args, report) -> int:
             variants.update({"gluon 3st": dict(stages=3), "gluon 256x128": dict(block=(256, 128, 128), stages=3)})
         if args.gluon_persistent:  # round 6: the persistent kernel with the TMA-store epilogue
             variants = {"gluon 4st": dict(stages=4), "persistent 3st": dict(persistent=True, stages=3),
-                        "persistent 2st": dict(persistent=True, stages=2)}  # fmt: skip
+                        "persistent 4st halves": dict(persistent=True, stages=4, epi_halves=2)}  # fmt: skip
 
         def run(kw, *a):
             kw = dict(kw)

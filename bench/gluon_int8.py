@@ -124,7 +124,8 @@ if HAS_GLUON:
     @gluon.jit(do_not_specialize=["M"])
     def _int8_row_persistent_kernel(x_desc, w_desc, o_desc, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_xsm, stride_wsn,
                                     HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                                    INSTR_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                                    INSTR_N: gl.constexpr, NUM_PROGRAMS: gl.constexpr, EPI_HALVES: gl.constexpr,
+                                    num_warps: gl.constexpr):  # fmt: skip
         """Round 6: one program per SM looping over its tiles; the ring's loads are numbered over (tile, K step)
         so they run ahead across tile boundaries (the next tile's first steps load while this one's epilogue runs);
         async wgmma with one step in flight; the epilogue goes through shared memory and a TMA store (the round-5
@@ -169,10 +170,22 @@ if HAS_GLUON:
             y = acc.to(gl.float32) * xs[:, None] * ws[None, :]
             if HAS_BIAS:
                 y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
-            tma.store_wait(0)  # the previous tile's store has left o_smem
-            o_smem.store(y.to(o_desc.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [off_m, off_n], o_smem)
+            y = y.to(o_desc.dtype)
+            if EPI_HALVES == 2:  # a 32 KB output buffer (4 stages fit): the tile's two column halves in turn
+                y0, y1 = gl.split(gl.permute(gl.reshape(y, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
+                tma.store_wait(0)  # the previous store has left o_smem
+                o_smem.store(y0)
+                fence_async_shared()
+                tma.async_copy_shared_to_global(o_desc, [off_m, off_n], o_smem)
+                tma.store_wait(0)
+                o_smem.store(y1)
+                fence_async_shared()
+                tma.async_copy_shared_to_global(o_desc, [off_m, off_n + BLOCK_N // 2], o_smem)
+            else:
+                tma.store_wait(0)  # the previous tile's store has left o_smem
+                o_smem.store(y)
+                fence_async_shared()
+                tma.async_copy_shared_to_global(o_desc, [off_m, off_n], o_smem)
             # the next tile starts with use_acc=False: a fresh value ends this one's live range here, so y and
             # the accumulator are not both live across the epilogue
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma)
@@ -214,9 +227,10 @@ def int8_row_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, b
 
 
 def int8_row_mm_persistent(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, block=(128, 256, 128),
-                           num_warps=8, stages=3, group_m=8) -> torch.Tensor:  # fmt: skip
+                           num_warps=8, stages=3, group_m=8, epi_halves=1) -> torch.Tensor:  # fmt: skip
     """As ``int8_row_mm`` by the persistent kernel with the TMA-store epilogue (round 6); ``out`` needs 16-byte
-    aligned rows (N * 2 bytes a multiple of 16)."""
+    aligned rows (N * 2 bytes a multiple of 16). ``epi_halves=2``: the output tile leaves in two column halves
+    through a buffer of half the size (room for a fourth stage)."""
     bm, bn, bk = block
     m, k = xq.shape
     n = wq.shape[0]
@@ -228,7 +242,8 @@ def int8_row_mm_persistent(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.
     xd = GluonDescriptor(xq, list(xq.shape), list(xq.stride()), [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8))
     wd = GluonDescriptor(wq, list(wq.shape), list(wq.stride()), [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
     ot = gl.bfloat16 if out_dtype == torch.bfloat16 else gl.float16
-    od = GluonDescriptor(out, list(out.shape), list(out.stride()), [bm, bn], gl.NVMMASharedLayout.get_default_for([bm, bn], ot))
+    ob = [bm, bn // epi_halves]
+    od = GluonDescriptor(out, list(out.shape), list(out.stride()), ob, gl.NVMMASharedLayout.get_default_for(ob, ot))
     xs = x_scale.reshape(m, -1)
     ws = w_scale.reshape(n, -1)
     from ditq.kernels.gemm import _num_sms
@@ -237,5 +252,5 @@ def int8_row_mm_persistent(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.
     _int8_row_persistent_kernel[(programs,)](xd, wd, od, xs, ws, bias, m, n, k, xs.stride(0), ws.stride(0),
                                              HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages,
                                              INSTR_N=128 if bn % 128 == 0 else bn, NUM_PROGRAMS=programs,
-                                             num_warps=num_warps)  # fmt: skip
+                                             EPI_HALVES=epi_halves, num_warps=num_warps)  # fmt: skip
     return out
