@@ -42,9 +42,23 @@ except ImportError:  # pragma: no cover
 
 from ditq.kernels import INTERPRET
 from ditq.kernels import quant as _quant
+from ditq.kernels.gemm import _empty_product, _num_sms
 from ditq.kernels.gemm import _tile_coords as tile_coords  # scalar arithmetic: callable from Gluon too
 
 if HAS_GLUON:
+
+    @gluon.jit
+    def _row_scaled(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, stride_xsm, stride_wsn, HAS_BIAS: gl.constexpr,
+                    mma: gl.constexpr):  # fmt: skip
+        """(acc * x_scale[m] * w_scale[n] + bias in fp32, rows, columns) of the tile at (off_m, off_n)."""
+        rm = off_m + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, mma))
+        rn = off_n + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, mma))
+        xs = gl.load(xs_ptr + (rm % M).to(gl.int64) * stride_xsm)
+        ws = gl.load(ws_ptr + (rn % N) * stride_wsn)
+        y = acc.to(gl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
+        return y, rm, rn
 
     @gluon.jit(do_not_specialize=["M"])
     def _int8_row_kernel(x_desc, w_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_om, stride_xsm,
@@ -93,13 +107,8 @@ if HAS_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
-        rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-        rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-        xs = gl.load(xs_ptr + (rm % M).to(gl.int64) * stride_xsm)
-        ws = gl.load(ws_ptr + (rn % N) * stride_wsn)
-        y = acc.to(gl.float32) * xs[:, None] * ws[None, :]
-        if HAS_BIAS:
-            y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
+        y, rm, rn = _row_scaled(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, stride_xsm, stride_wsn, HAS_BIAS,
+                                mma)  # fmt: skip
         out = out_ptr + rm[:, None].to(gl.int64) * stride_om + rn[None, :]
         gl.store(out, y.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -163,13 +172,8 @@ if HAS_GLUON:
                              NUM_PROGRAMS, GROUP_M, STAGES)  # fmt: skip
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             off_m, off_n = tile_coords(pid + t * NUM_PROGRAMS, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-            rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-            xs = gl.load(xs_ptr + (rm % M).to(gl.int64) * stride_xsm)
-            ws = gl.load(ws_ptr + (rn % N) * stride_wsn)
-            y = acc.to(gl.float32) * xs[:, None] * ws[None, :]
-            if HAS_BIAS:
-                y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
+            y, _, _ = _row_scaled(acc, off_m, off_n, M, N, xs_ptr, ws_ptr, bias_ptr, stride_xsm, stride_wsn, HAS_BIAS,
+                                  mma)  # fmt: skip
             y = y.to(o_desc.dtype)
             if EPI_HALVES == 2:  # a 32 KB output buffer (4 stages fit): the tile's two column halves in turn
                 y0, y1 = gl.split(gl.permute(gl.reshape(y, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
@@ -199,25 +203,33 @@ def available(t: torch.Tensor) -> bool:
     return HAS_GLUON and not INTERPRET and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-def int8_row_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, block=(128, 256, 128),
-                num_warps=8, stages=4, group_m=8, a_in_regs=False) -> torch.Tensor:
-    """y [M, N] ``out_dtype`` = (xq @ wq^T) * x_scale * w_scale (+ bias) for int8-row operands (xq [M, K] and wq
-    [N, K] int8 with unit column stride and 16-byte aligned rows, x_scale f32 [M, 1], w_scale f32 [N] / [N, 1]),
-    by the Gluon kernel. Equals ``gemm.scaled_mm(..., "int8-row")`` bit for bit."""
+def _setup(xq, x_scale, wq, w_scale, out_dtype, block):
+    """(out, TMA descriptors of xq / wq, x_scale [M, 1], w_scale [N, 1]) for the Gluon kernels; the descriptors
+    are None when M, N or K is 0 (nothing to launch)."""
     bm, bn, bk = block
     m, k = xq.shape
     n = wq.shape[0]
     out = _quant.empty((m, n), out_dtype, xq.device)
     if not (m and n and k):
-        from ditq.kernels.gemm import _empty_product
+        return out, None, None, x_scale, w_scale
 
+    def desc(t, rows):
+        return GluonDescriptor(t, list(t.shape), list(t.stride()), [rows, bk],
+                               gl.NVMMASharedLayout.get_default_for([rows, bk], gl.int8))  # fmt: skip
+
+    return out, desc(xq, bm), desc(wq, bn), x_scale.reshape(m, -1), w_scale.reshape(n, -1)
+
+
+def int8_row_mm(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.bfloat16, block=(128, 256, 128),
+                num_warps=8, stages=4, group_m=8, a_in_regs=False) -> torch.Tensor:
+    """y [M, N] ``out_dtype`` = (xq @ wq^T) * x_scale * w_scale (+ bias) for int8-row operands (xq [M, K] and wq
+    [N, K] int8 with unit column stride and 16-byte aligned rows, x_scale f32 [M, 1], w_scale f32 [N] / [N, 1]),
+    by the Gluon kernel. Equals ``gemm.scaled_mm(..., "int8-row")`` bit for bit."""
+    bm, bn, _ = block
+    out, xd, wd, xs, ws = _setup(xq, x_scale, wq, w_scale, out_dtype, block)
+    if xd is None:
         return _empty_product(out, bias)
-    xl = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
-    wl = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
-    xd = GluonDescriptor(xq, list(xq.shape), list(xq.stride()), [bm, bk], xl)
-    wd = GluonDescriptor(wq, list(wq.shape), list(wq.stride()), [bn, bk], wl)
-    xs = x_scale.reshape(m, -1)
-    ws = w_scale.reshape(n, -1)
+    m, n, k = xq.shape[0], wq.shape[0], xq.shape[1]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     instr_n = 128 if bn % 128 == 0 else bn
     _int8_row_kernel[grid](xd, wd, xs, ws, bias, out, m, n, k, out.stride(0), xs.stride(0), ws.stride(0),
@@ -231,23 +243,14 @@ def int8_row_mm_persistent(xq, x_scale, wq, w_scale, bias=None, out_dtype=torch.
     """As ``int8_row_mm`` by the persistent kernel with the TMA-store epilogue (round 6); ``out`` needs 16-byte
     aligned rows (N * 2 bytes a multiple of 16). ``epi_halves=2``: the output tile leaves in two column halves
     through a buffer of half the size (room for a fourth stage)."""
-    bm, bn, bk = block
-    m, k = xq.shape
-    n = wq.shape[0]
-    out = _quant.empty((m, n), out_dtype, xq.device)
-    if not (m and n and k):
-        from ditq.kernels.gemm import _empty_product
-
+    bm, bn, _ = block
+    out, xd, wd, xs, ws = _setup(xq, x_scale, wq, w_scale, out_dtype, block)
+    if xd is None:
         return _empty_product(out, bias)
-    xd = GluonDescriptor(xq, list(xq.shape), list(xq.stride()), [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8))
-    wd = GluonDescriptor(wq, list(wq.shape), list(wq.stride()), [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    m, n, k = xq.shape[0], wq.shape[0], xq.shape[1]
     ot = gl.bfloat16 if out_dtype == torch.bfloat16 else gl.float16
     ob = [bm, bn // epi_halves]
     od = GluonDescriptor(out, list(out.shape), list(out.stride()), ob, gl.NVMMASharedLayout.get_default_for(ob, ot))
-    xs = x_scale.reshape(m, -1)
-    ws = w_scale.reshape(n, -1)
-    from ditq.kernels.gemm import _num_sms
-
     programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), _num_sms(xq.device))
     _int8_row_persistent_kernel[(programs,)](xd, wd, od, xs, ws, bias, m, n, k, xs.stride(0), ws.stride(0),
                                              HAS_BIAS=bias is not None, GROUP_M=group_m, STAGES=stages,
