@@ -356,9 +356,6 @@ def part_power(args, report) -> int:
     nvidia-smi sampling: SM clock, board power and the achieved rate (bf16, cuBLAS int8 / fp8, ditq int8-row /
     fp8-row with the same 128x256 tile). Then order: the int8-row linear timed right after 0.3 s of another
     kernel (bf16, cuBLAS fp8, itself) or after 0.3 s idle."""
-    if args.gluon_persistent:  # no sustained-power part in round 6's call
-        report["gluon"] = {"rows": rows, "geomean_M_ge_4096": geo}
-        return failures
     m, n, k = 16384, 4096, 4096
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
