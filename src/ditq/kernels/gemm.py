@@ -329,6 +329,7 @@ def _scaled_mm_kernel(
                   xa_ptr, lb_ptr, stride_xam, stride_lbn, BLOCK_SCALED, W_SCALE_ROW, HAS_BIAS, MANUAL_RNE,
                   BLOCK_M, BLOCK_N, LORA_RANK, LORA_R, LORA_CHUNK, LORA_F32)  # fmt: skip
 
+
 _SMS: dict = {}
 
 
