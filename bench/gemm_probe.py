@@ -33,7 +33,7 @@ import torch
 from triton.testing import do_bench
 
 from ditq import formats as F
-from ditq.bench.gemm import SHAPES, _interleaved, _round_ratios
+from ditq.bench.gemm import SHAPES, _interleaved, _round_ratios, timed
 from ditq.kernels import configs as CF
 from ditq.kernels import gemm as G
 from ditq.kernels import ops
@@ -50,11 +50,7 @@ def bench(fn, rep_ms=15.0):
 
 def _settled(fn):
     """``do_bench`` median after 200 ms of the same call (the GPU's clock follows its load: round 5)."""
-    from ditq.bench.gemm import settle
-
-    est = do_bench(fn, warmup=2, rep=2, return_mode="median")
-    settle(fn, est, 200.0)
-    return do_bench(fn, warmup=5, rep=max(20.0, 8 * est), return_mode="median")
+    return timed(fn, 20.0, 200.0)
 
 
 def smi() -> str:
@@ -398,7 +394,6 @@ def part_gluon(args, report) -> int:
     """The Gluon int8-row GEMM (async wgmma kept in flight, ``bench/gluon_int8.py``) against the Triton one
     (``wait_group 0`` every K step): bit-equality first, then GPU time from CUDA-graph replays, each settled
     (200 ms of itself) and in two interleaved rounds with cuBLAS bf16; GEMM alone and act quant + GEMM."""
-    from ditq.bench.gemm import settle
     from ditq.bench.timing import captured
     import gluon_int8 as GG  # bench/gluon_int8.py, beside this script
 
@@ -448,14 +443,9 @@ def part_gluon(args, report) -> int:
                 fns[nm + " linear"] = lambda kw=kw: run(kw, *Q.act_quant(x, "int8-row"), wq, ws, bias)
         import contextlib
 
-        def settled(g):
-            est = do_bench(g, warmup=2, rep=2, return_mode="median")
-            settle(g, est, 200.0)
-            return do_bench(g, warmup=5, rep=max(20.0, 8 * est), return_mode="median")
-
         with contextlib.ExitStack() as stack:
             graphs = {nm: stack.enter_context(captured(fn)).replay for nm, fn in fns.items()}
-            times = _interleaved(graphs, settled, 2)
+            times = _interleaved(graphs, _settled, 2)
         ratio = _round_ratios(times)
         rows.append({"M": m, "N": n, "K": k, "ms": times, "ratio": ratio, "equal": ok})
         print(f"  {m:6d}x{n:6d}x{k:6d} " + " ".join(f"{nm}={r:.2f}" for nm, r in ratio.items() if nm != "bf16"), flush=True)
@@ -506,7 +496,6 @@ def part_gblock(args, report) -> int:
     import contextlib
     import math
 
-    from ditq.bench.gemm import settle
     from ditq.bench.timing import captured
     import gluon_block as GB  # bench/gluon_block.py, beside this script
 
@@ -544,11 +533,6 @@ def part_gblock(args, report) -> int:
     if failures:
         return failures
 
-    def settled(g):
-        est = do_bench(g, warmup=2, rep=2, return_mode="median")
-        settle(g, est, 200.0)
-        return do_bench(g, warmup=5, rep=max(20.0, 8 * est), return_mode="median")
-
     shapes = [s for s in SHAPES if s[1] >= 4096 or (s[1] == 1024 and args.quick is False)]
     if args.quick:  # one call's worth: a shape of each model
         shapes = [s for s in shapes if (s[2], s[3]) in ((3072, 3072), (3072, 12288), (5120, 5120), (4096, 4096),
@@ -571,7 +555,7 @@ def part_gblock(args, report) -> int:
                 fns[nm + " linear"] = lambda kw=kw: GB.block_mm(*Q.act_quant(x, fmt), wq, ws, fmt, bias, **kw)
             with contextlib.ExitStack() as stack:
                 graphs = {nm: stack.enter_context(captured(fn)).replay for nm, fn in fns.items()}
-                times = _interleaved(graphs, settled, 2)
+                times = _interleaved(graphs, _settled, 2)
             ratio = _round_ratios(times)
             rows.append({"M": m, "N": n, "K": k, "ms": times, "ratio": ratio})
             print(f"  {fmt} {m:6d}x{n:6d}x{k:6d} " + " ".join(f"{nm}={r:.2f}" for nm, r in ratio.items() if nm != "bf16"),
@@ -598,7 +582,6 @@ def part_lingap(args, report) -> int:
     import contextlib
     import threading
 
-    from ditq.bench.gemm import settle
     from ditq.bench.timing import captured
 
     def clocks_during(fn):
@@ -623,11 +606,6 @@ def part_lingap(args, report) -> int:
             stop.set()
             th.join()
         return r, vals
-
-    def timed(g):
-        est = do_bench(g, warmup=2, rep=2, return_mode="median")
-        settle(g, est, 300.0)
-        return do_bench(g, warmup=5, rep=max(30.0, 10 * est), return_mode="median")
 
     rows = []
     shapes = [(4608, 3072, 3072), (4608, 12288, 3072), (16384, 4096, 4096), (8192, 1792, 1792)]
@@ -654,7 +632,7 @@ def part_lingap(args, report) -> int:
                 graphs = {nm: stack.enter_context(captured(fn)).replay for nm, fn in fns.items()}
                 for rnd in range(2):
                     for nm, g in graphs.items():
-                        t, cl = clocks_during(lambda g=g: timed(g))
+                        t, cl = clocks_during(lambda g=g: timed(g, 30.0, 300.0, min_calls=10))
                         res.setdefault(nm, {"us": [], "mhz": [], "w": []})
                         res[nm]["us"].append(t * 1e3)
                         res[nm]["mhz"] += [c for c, _ in cl]

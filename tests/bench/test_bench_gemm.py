@@ -35,3 +35,23 @@ def test_settle_runs_the_call_for_the_requested_time(monkeypatch):
     assert len(calls) == 401
     B.settle(lambda: calls.append(1), est_ms=0.5, settle_ms=0)
     assert len(calls) == 401 and len(syncs) == 2
+
+
+def test_timed_estimates_settles_then_times_enough_calls(monkeypatch):
+    """timed(): a short estimate, then settle() for settle_ms, then a do_bench over at least min_calls calls."""
+    import torch
+    import triton.testing
+
+    runs, seen = [], []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        seen.append((warmup, rep))
+        return 2.0  # ms per call
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    assert B.timed(lambda: runs.append(1), 30, settle_ms=100.0) == 2.0
+    assert seen == [(2, 2), (7, 30)] and len(runs) == 50  # settle: 100 ms / 2 ms
+    seen.clear()
+    B.timed(lambda: runs.append(1), 8, min_calls=10)  # large call: rep grows to 10 calls; no settling
+    assert seen == [(2, 2), (5, 20.0)] and len(runs) == 50

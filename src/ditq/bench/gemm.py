@@ -118,6 +118,16 @@ def settle(fn, est_ms: float, settle_ms: float) -> None:
     torch.cuda.synchronize()
 
 
+def timed(fn, rep_ms: float, settle_ms: float = 0.0, min_calls: int = 8) -> float:
+    """``do_bench`` median (ms) of ``fn`` over at least ``rep_ms`` and ``min_calls`` calls (large shapes), after
+    ``settle_ms`` of the same call (``settle``)."""
+    from triton.testing import do_bench
+
+    est = do_bench(fn, warmup=2, rep=2, return_mode="median")
+    settle(fn, est, settle_ms)
+    return do_bench(fn, warmup=max(5, int(rep_ms) // 4), rep=max(rep_ms, min_calls * est), return_mode="median")
+
+
 def _interleaved(fns: dict, bench, rounds: int) -> dict:
     """{name: [time per round]}: each round times every function once, in order. The GPU's clocks drift with
     its power and temperature over seconds (bench/NOTES.md, round 5), so a baseline timed once, before its
@@ -326,7 +336,6 @@ def main(args) -> int:
         print("ditq bench gemm: needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
-    from triton.testing import do_bench
 
     from ..kernels import configs as CF
     from ..kernels import fused as FU
@@ -340,13 +349,10 @@ def main(args) -> int:
     print(f"# {gpu}  torch {torch.__version__}  triton {triton.__version__}  python {platform.python_version()}")
 
     def bench_short(fn, rep=args.rep):  # small problems (small-M tables, host overhead): no settling
-        est = do_bench(fn, warmup=2, rep=2, return_mode="median")  # large shapes: at least 8 timed calls
-        return do_bench(fn, warmup=max(5, rep // 4), rep=max(rep, 8 * est), return_mode="median")
+        return timed(fn, rep)
 
     def bench(fn, rep=args.rep):  # the shape tables: each timing starts in the steady state of its own call
-        est = do_bench(fn, warmup=2, rep=2, return_mode="median")
-        settle(fn, est, args.settle_ms)
-        return do_bench(fn, warmup=max(5, rep // 4), rep=max(rep, 8 * est), return_mode="median")
+        return timed(fn, rep, args.settle_ms)
 
     torch.manual_seed(0)
     report = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
