@@ -500,10 +500,18 @@ def part_gblock(args, report) -> int:
     import gluon_block as GB  # bench/gluon_block.py, beside this script
 
     failures = 0
-    cfgs = {"g128/8w/3s pair": dict(block=(128, 128), num_warps=8, stages=3, pair=1),
-            "g128/8w/4s pair": dict(block=(128, 128), num_warps=8, stages=4, pair=1),
-            "g128/8w/3s one": dict(block=(128, 128), num_warps=8, stages=3, pair=0),
-            "g64/4w/3s pair": dict(block=(64, 128), num_warps=4, stages=3, pair=1)}  # fmt: skip
+    if args.gblock_ws:  # round 7: the warp-specialized kernel of bench/gluon_ws.py
+        import gluon_ws as GW
+
+        wsc = {"ws128/4s": dict(block_n=128, stages=4), "ws256/4s": dict(block_n=256, stages=4),
+               "ws256/3s/ob2": dict(block_n=256, stages=3, out_bufs=2)}  # fmt: skip
+        kernels = {nm: (lambda *a, kw=kw: GW.ws_block_mm(*a, **kw)) for nm, kw in wsc.items()}
+    else:
+        cfgs = {"g128/8w/3s pair": dict(block=(128, 128), num_warps=8, stages=3, pair=1),
+                "g128/8w/4s pair": dict(block=(128, 128), num_warps=8, stages=4, pair=1),
+                "g128/8w/3s one": dict(block=(128, 128), num_warps=8, stages=3, pair=0),
+                "g64/4w/3s pair": dict(block=(64, 128), num_warps=4, stages=3, pair=1)}  # fmt: skip
+        kernels = {nm: (lambda *a, kw=kw: GB.block_mm(*a, **kw)) for nm, kw in cfgs.items()}
     odd = [(1000, 2944, 3072), (77, 128, 256), (77, 256, 384), (130, 384, 128), (4608, 3072, 3072)]  # N, K: multiples of 128
     report["gblock"] = {"check": [], "rows": []}
     for fmt in args.formats.split(","):
@@ -520,8 +528,8 @@ def part_gblock(args, report) -> int:
             tri = G.scaled_mm(xq, xs, wq, ws, fmt, bias)
             e_tri = float((tri.double() - ref).norm()) / den
             row = {"fmt": fmt, "M": m, "N": n, "K": k, "triton_rel": e_tri}
-            for nm, kw in cfgs.items():
-                y = GB.block_mm(xq, xs, wq, ws, fmt, bias, **kw)
+            for nm, kern in kernels.items():
+                y = kern(xq, xs, wq, ws, fmt, bias)
                 e = float((y.double() - ref).norm()) / den
                 row[nm] = {"rel": e, "equal_triton": bool(torch.equal(y, tri)), "finite": bool(torch.isfinite(y).all())}
                 if not (e <= 2 * e_tri + 1e-6) or not row[nm]["finite"]:
@@ -529,7 +537,7 @@ def part_gblock(args, report) -> int:
                     print(f"FAIL {fmt} {nm} {m}x{n}x{k}: rel err {e:.3g} vs triton {e_tri:.3g}", flush=True)
             report["gblock"]["check"].append(row)
             print(f"  check {fmt} {m}x{n}x{k}: triton {e_tri:.2e} " + " ".join(
-                f"{nm}={row[nm]['rel']:.2e}{'=' if row[nm]['equal_triton'] else ''}" for nm in cfgs), flush=True)
+                f"{nm}={row[nm]['rel']:.2e}{'=' if row[nm]['equal_triton'] else ''}" for nm in kernels), flush=True)
     if failures:
         return failures
 
@@ -550,9 +558,9 @@ def part_gblock(args, report) -> int:
             fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias),
                    "triton gemm": lambda: G.scaled_mm(xq, xs, wq, ws, fmt, bias),
                    "triton linear": lambda: G.scaled_mm(*Q.act_quant(x, fmt), wq, ws, fmt, bias)}  # fmt: skip
-            for nm, kw in cfgs.items():
-                fns[nm + " gemm"] = lambda kw=kw: GB.block_mm(xq, xs, wq, ws, fmt, bias, **kw)
-                fns[nm + " linear"] = lambda kw=kw: GB.block_mm(*Q.act_quant(x, fmt), wq, ws, fmt, bias, **kw)
+            for nm, kern in kernels.items():
+                fns[nm + " gemm"] = lambda kern=kern: kern(xq, xs, wq, ws, fmt, bias)
+                fns[nm + " linear"] = lambda kern=kern: kern(*Q.act_quant(x, fmt), wq, ws, fmt, bias)
             with contextlib.ExitStack() as stack:
                 graphs = {nm: stack.enter_context(captured(fn)).replay for nm, fn in fns.items()}
                 times = _interleaved(graphs, _settled, 2)
@@ -749,6 +757,7 @@ def main() -> int:
     p.add_argument("--block-occupancy", action="store_true",
                    help="part gemm: size the tail split by the block kernels' occupancy (product tile registers)")
     p.add_argument("--bk256", action="store_true", help="part gemm: 256-wide K step variants, settled timing")
+    p.add_argument("--gblock-ws", action="store_true", help="part gblock: the warp-specialized kernel (round 7)")
     p.add_argument("--gluon-all", action="store_true", help="part gluon: also the 3-stage and 256x128 variants")
     args = p.parse_args()
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
