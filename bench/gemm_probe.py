@@ -477,6 +477,12 @@ def part_gluon(args, report) -> int:
     return failures
 
 
+def _triton_config(fmt: str, m: int, n: int, k: int) -> Config:
+    """The Triton kernel's configuration (tuned, else the heuristic): what ``get_config`` gave before round 7
+    routed int8-row / int8-block / fp8-block at large M to the warp-specialized kernel."""
+    return CF.tuned().get(CF.key(fmt, m, n, k)) or CF._nearest_tuned(fmt, m, n, k) or CF.heuristic(fmt, m, n, k)
+
+
 def _ref_block(xq, xs, wq, ws) -> torch.Tensor:
     """float64 sum over 128-K blocks of (xq_kb @ wq_kb^T) * x_scale[:, kb] * w_scale[n // 128, kb]."""
     m, k = xq.shape
@@ -500,12 +506,12 @@ def part_gblock(args, report) -> int:
     import gluon_block as GB  # bench/gluon_block.py, beside this script
 
     failures = 0
-    if args.gblock_ws:  # round 7: the warp-specialized kernel of bench/gluon_ws.py
-        import gluon_ws as GW
+    if args.gblock_ws:  # round 7: the warp-specialized kernel (now ditq.kernels.hopper; the probe's 128-wide
+        # variant and its direct-store epilogue are in bench/gluon_ws.py at commit 658702e)
+        from ditq.kernels.configs import WS_CONFIG
 
-        wsc = {"ws128/4s": dict(block_n=128, stages=4), "ws256/4s": dict(block_n=256, stages=4),
-               "ws256/3s/ob2": dict(block_n=256, stages=3, out_bufs=2)}  # fmt: skip
-        kernels = {nm: (lambda *a, kw=kw: GW.ws_block_mm(*a, **kw)) for nm, kw in wsc.items()}
+        wsc = {"ws256/4s": WS_CONFIG, "ws256/3s": dataclasses.replace(WS_CONFIG, num_stages=3)}
+        kernels = {nm: (lambda *a, c=c: G.scaled_mm(*a, config=c)) for nm, c in wsc.items()}
     else:
         cfgs = {"g128/8w/3s pair": dict(block=(128, 128), num_warps=8, stages=3, pair=1),
                 "g128/8w/4s pair": dict(block=(128, 128), num_warps=8, stages=4, pair=1),
@@ -525,7 +531,7 @@ def part_gblock(args, report) -> int:
             xq, xs = ops.act_quant(x, fmt)
             ref = _ref_block(xq, xs, wq, ws) + bias.double()
             den = float(ref.norm())
-            tri = G.scaled_mm(xq, xs, wq, ws, fmt, bias)
+            tri = G.scaled_mm(xq, xs, wq, ws, fmt, bias, config=_triton_config(fmt, m, n, k))
             e_tri = float((tri.double() - ref).norm()) / den
             row = {"fmt": fmt, "M": m, "N": n, "K": k, "triton_rel": e_tri}
             for nm, kern in kernels.items():
@@ -555,9 +561,10 @@ def part_gblock(args, report) -> int:
             bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
             wq, ws = ops.quant_weight(w, fmt)
             xq, xs = ops.act_quant(x, fmt)
+            tc = _triton_config(fmt, m, n, k)
             fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias),
-                   "triton gemm": lambda: G.scaled_mm(xq, xs, wq, ws, fmt, bias),
-                   "triton linear": lambda: G.scaled_mm(*Q.act_quant(x, fmt), wq, ws, fmt, bias)}  # fmt: skip
+                   "triton gemm": lambda: G.scaled_mm(xq, xs, wq, ws, fmt, bias, config=tc),
+                   "triton linear": lambda: G.scaled_mm(*Q.act_quant(x, fmt), wq, ws, fmt, bias, config=tc)}  # fmt: skip
             for nm, kern in kernels.items():
                 fns[nm + " gemm"] = lambda kern=kern: kern(xq, xs, wq, ws, fmt, bias)
                 fns[nm + " linear"] = lambda kern=kern: kern(*Q.act_quant(x, fmt), wq, ws, fmt, bias)
@@ -577,6 +584,79 @@ def part_gblock(args, report) -> int:
         print(f"  {fmt} best linear per shape, geomean: {best:.3f}", flush=True)
         report["gblock"]["rows"] += [dict(r, fmt=fmt) for r in rows]
         report["gblock"].setdefault("geomean", {})[fmt] = dict(geo, best_linear=best)
+    return failures
+
+
+def part_wsrow(args, report) -> int:
+    """Round 7: the warp-specialized Gluon kernel for the row formats (``ditq.kernels.hopper``)
+    against the shipped Triton kernel: equality with it first (odd shapes, K tails), then GPU time from CUDA-graph
+    replays, settled, two interleaved rounds with bf16 (as part gblock)."""
+    import contextlib
+    import math
+
+    from ditq.bench.timing import captured
+    from ditq.kernels.configs import WS_CONFIG
+
+    failures = 0
+    wsc = {"wsr/4s": WS_CONFIG, "wsr/3s": dataclasses.replace(WS_CONFIG, num_stages=3)}
+    kernels = {nm: (lambda *a, c=c: G.scaled_mm(*a, config=c)) for nm, c in wsc.items()}
+    odd = [(1000, 2944, 3072), (77, 136, 256), (77, 256, 400), (130, 384, 128), (4608, 3072, 3072)]
+    report["wsrow"] = {"check": [], "rows": []}
+    fmts = [f for f in args.formats.split(",") if not F.get_format(f).is_block]
+    for fmt in fmts:
+        for m, n, k in odd:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+            wq, ws = ops.quant_weight(w, fmt)
+            xq, xs = ops.act_quant(x, fmt)
+            tri = G.scaled_mm(xq, xs, wq, ws, fmt, bias, config=_triton_config(fmt, m, n, k))
+            ref = (xq.double() @ wq.double().T) * xs.double().reshape(-1, 1) * ws.double().reshape(1, -1) + bias.double()
+            den = float(ref.norm())
+            row = {"fmt": fmt, "M": m, "N": n, "K": k, "triton_rel": float((tri.double() - ref).norm()) / den}
+            for nm, kern in kernels.items():
+                y = kern(xq, xs, wq, ws, fmt, bias)
+                row[nm] = {"rel": float((y.double() - ref).norm()) / den, "equal_triton": bool(torch.equal(y, tri))}
+                if not row[nm]["rel"] <= 2 * row["triton_rel"] + 1e-6:
+                    failures += 1
+                    print(f"FAIL {fmt} {nm} {m}x{n}x{k}: {row[nm]}", flush=True)
+            report["wsrow"]["check"].append(row)
+            print(f"  check {fmt} {m}x{n}x{k}: triton {row['triton_rel']:.2e} " + " ".join(
+                f"{nm}={row[nm]['rel']:.2e}{'=' if row[nm]['equal_triton'] else ''}" for nm in kernels), flush=True)
+    if failures:
+        return failures
+    shapes = [s for s in SHAPES if s[1] >= 4096]
+    if args.quick:
+        shapes = [s for s in shapes if (s[2], s[3]) in ((3072, 3072), (3072, 12288), (5120, 5120), (4096, 4096),
+                                                        (4096, 16384), (1792, 7168), (1792, 1792))]  # fmt: skip
+    for fmt in fmts:
+        rows = []
+        for tag, m, n, k in shapes:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+            wq, ws = ops.quant_weight(w, fmt)
+            xq, xs = ops.act_quant(x, fmt)
+            tc = _triton_config(fmt, m, n, k)
+            fns = {"bf16": lambda: torch.nn.functional.linear(x, w, bias),
+                   "triton gemm": lambda: G.scaled_mm(xq, xs, wq, ws, fmt, bias, config=tc),
+                   "triton linear": lambda: G.scaled_mm(*Q.act_quant(x, fmt), wq, ws, fmt, bias, config=tc)}  # fmt: skip
+            for nm, kern in kernels.items():
+                fns[nm + " gemm"] = lambda kern=kern: kern(xq, xs, wq, ws, fmt, bias)
+                fns[nm + " linear"] = lambda kern=kern: kern(*Q.act_quant(x, fmt), wq, ws, fmt, bias)
+            with contextlib.ExitStack() as stack:
+                graphs = {nm: stack.enter_context(captured(fn)).replay for nm, fn in fns.items()}
+                times = _interleaved(graphs, _settled, 2)
+            ratio = _round_ratios(times)
+            rows.append({"M": m, "N": n, "K": k, "ms": times, "ratio": ratio})
+            print(f"  {fmt} {m:6d}x{n:6d}x{k:6d} " + " ".join(f"{nm}={r:.2f}" for nm, r in ratio.items() if nm != "bf16"),
+                  flush=True)  # fmt: skip
+            del x, w, fns
+            torch.cuda.empty_cache()
+        geo = {nm: math.exp(sum(math.log(r["ratio"][nm]) for r in rows) / len(rows)) for nm in rows[0]["ratio"]}
+        print(f"  {fmt} geomean (graph replays, settled): " + " ".join(f"{nm}={g:.3f}" for nm, g in geo.items()), flush=True)
+        report["wsrow"]["rows"] += [dict(r, fmt=fmt) for r in rows]
+        report["wsrow"].setdefault("geomean", {})[fmt] = geo
     return failures
 
 
@@ -767,7 +847,7 @@ def main() -> int:
     t0 = time.time()
     for part in args.part.split(","):
         failures += {"gemm": part_gemm, "plans": part_plans, "act": part_act, "gap": part_gap, "lintune": part_lintune,
-                     "power": part_power, "gluon": part_gluon, "gblock": part_gblock, "lingap": part_lingap, "epi": part_epi}[part](args, report)
+                     "power": part_power, "gluon": part_gluon, "gblock": part_gblock, "wsrow": part_wsrow, "lingap": part_lingap, "epi": part_epi}[part](args, report)
         print(f"== {part}: {time.time() - t0:.0f} s, smi {smi()}", flush=True)
         report["failures"] = failures
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "probe.json"), "w") as fh:  # after every part

@@ -7,28 +7,27 @@ profiles only those calls:
         python3 bench/ncu_gemm.py --shape 16384,4096,4096
 
 Variants: the shipped Triton GEMM of each format (``gemm.scaled_mm``, tuned config) and the warp-specialized
-Gluon block kernel of ``bench/gluon_ws.py``. Prints nothing of its own but the variant order.
+Gluon kernel of ``ditq.kernels.hopper`` (round 7's first run used the probe's 128-wide block kernel, at commit
+658702e). Prints nothing of its own but the variant order.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gluon_ws as GW  # noqa: E402
-
-from ditq.kernels import gemm as G  # noqa: E402
-from ditq.kernels import ops  # noqa: E402
+from ditq.kernels import configs as CF
+from ditq.kernels import gemm as G
+from ditq.kernels import ops
+from ditq.kernels.configs import WS_CONFIG
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="16384,4096,4096")
-    p.add_argument("--variants", default="int8-row,fp8-row,int8-block,fp8-block,ws:int8-block,ws:fp8-block")
+    p.add_argument("--variants", default="int8-row,fp8-row,int8-block,fp8-block,ws:int8-row,ws:int8-block,ws:fp8-block")
     a = p.parse_args()
     m, n, k = (int(v) for v in a.shape.split(","))
     torch.manual_seed(0)
@@ -41,9 +40,10 @@ def main() -> int:
         wq, ws = ops.quant_weight(w, fmt)
         xq, xs = ops.act_quant(x, fmt)
         if v.startswith("ws:"):
-            calls[v] = lambda xq=xq, xs=xs, wq=wq, ws=ws, fmt=fmt: GW.ws_block_mm(xq, xs, wq, ws, fmt, bias, stages=6)
-        else:
-            calls[v] = lambda xq=xq, xs=xs, wq=wq, ws=ws, fmt=fmt: G.scaled_mm(xq, xs, wq, ws, fmt, bias)
+            calls[v] = lambda xq=xq, xs=xs, wq=wq, ws=ws, fmt=fmt: G.scaled_mm(xq, xs, wq, ws, fmt, bias, config=WS_CONFIG)
+        else:  # the Triton kernel's tuned configuration
+            c = CF.tuned().get(CF.key(fmt, m, n, k)) or CF.heuristic(fmt, m, n, k)
+            calls[v] = lambda xq=xq, xs=xs, wq=wq, ws=ws, fmt=fmt, c=c: G.scaled_mm(xq, xs, wq, ws, fmt, bias, config=c)
     for fn in calls.values():  # compile
         fn()
     torch.cuda.synchronize()

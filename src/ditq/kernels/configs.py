@@ -12,8 +12,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from . import INTERPRET
+from . import INTERPRET, hopper
 from .gemm import Config
+from .hopper import BLOCK_K, BLOCK_M, BLOCK_N
 
 TUNED_PATH = Path(__file__).with_name("gemm_configs.json")
 
@@ -73,11 +74,19 @@ def _nearest_tuned(fmt: str, m: int, n: int, k: int) -> Config | None:
     return best
 
 
+WS_CONFIG = Config(BLOCK_M, BLOCK_N, BLOCK_K, 8, 4, 4, ws=True)
+"""The warp-specialized Gluon kernel (``hopper.py``) with 4 stages: int8-row, int8-block and fp8-block from
+``hopper.MIN_M`` rows on a Hopper GPU (NOTES, GEMM round 7)."""
+
+
 @lru_cache(maxsize=4096)
 def get_config(fmt: str, m: int, n: int, k: int) -> Config:
-    """The launch configuration for a GEMM: the tuned one for (format, M bucket, N, K); else the tuned one
-    of the nearest (N, K) in that M bucket; else the heuristic."""
+    """The launch configuration for a GEMM: the warp-specialized kernel where it applies (on the current
+    device); else the tuned one for (format, M bucket, N, K); else the tuned one of the nearest (N, K) in that M
+    bucket; else the heuristic."""
     if not INTERPRET:
+        if fmt in hopper.FORMATS and m >= hopper.MIN_M and hopper.available():
+            return WS_CONFIG
         c = tuned().get(key(fmt, m, n, k)) or _nearest_tuned(fmt, m, n, k)
         if c is not None:
             return c

@@ -66,17 +66,18 @@ class Config:
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); lets more programs share an SM
     split_k: int = 1  # weight-only kernel: programs per output tile, each over a K slice (last one reduces)
     tail_split: int = 0  # W8A8 GEMM: split the tiles of the last, partial wave over K into up to this many slices
+    ws: bool = False  # the warp-specialized Gluon kernel of ``hopper.py`` (128 x 256 tiles, num_stages stages)
 
     def as_list(self) -> list:
         return [self.block_m, self.block_n, self.block_k, self.group_m, self.num_warps, self.num_stages,
                 int(self.tma), int(self.dot2), int(self.magic_i2f), int(self.persistent), self.maxnreg,
-                self.split_k, self.tail_split]  # fmt: skip
+                self.split_k, self.tail_split, int(self.ws)]  # fmt: skip
 
     @classmethod
     def from_list(cls, v) -> "Config":
         v = list(v) + [0] * (11 - len(v))
         return cls(*v[:6], *(bool(b) for b in v[6:10]), int(v[10]), int(v[11]) if len(v) > 11 else 1,
-                   int(v[12]) if len(v) > 12 else 0)
+                   int(v[12]) if len(v) > 12 else 0, bool(v[13]) if len(v) > 13 else False)
 
 
 @triton.jit
@@ -332,6 +333,10 @@ def _scaled_mm_kernel(
 
 _SMS: dict = {}
 
+WS_FALLBACK = {False: Config(128, 256, 128, 8, 8, 4), True: Config(128, 128, 128, 8, 8, 3, tma=False, dot2=True)}
+"""Large-M Triton configurations for a warp-specialized config whose operands the Gluon kernel does not take
+(LoRA, unaligned rows, no Hopper GPU): the tuned ones of the benchmark's M >= 4096 shapes (row, block)."""
+
 
 def _num_sms(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
@@ -463,6 +468,12 @@ def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config
     with configuration ``c``. TMA operands are ``Tma`` objects in ``spec.args`` (x first, then w). ``lora``:
     (xa [M, r], lb [N, r]) checked by ``check_lora``, added in the epilogue (``acc += xa @ lb^T``). ``tail``:
     the workspace of ``tail_args`` (the last wave's tiles split over K; see ``_scaled_mm_kernel``)."""
+    if c.ws:
+        from . import hopper  # it imports this module
+
+        if hopper.usable(xq, wq, out, fmt, lora):
+            return hopper.scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, c.num_stages, c.group_m)
+        c = WS_FALLBACK[fmt.is_block]
     m, k = xq.shape
     n = wq.shape[0]
     if fmt.is_block and (c.block_k != F.BLOCK or F.BLOCK % c.block_n):
@@ -571,6 +582,8 @@ def scaled_mm(
     if lora is None:
         _launch(scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, config, tail=tail_args(xq, config)))
         return out
+    if config.ws:  # the LoRA branch lives in the Triton kernel's epilogue
+        config = WS_FALLBACK[fmt.is_block]
     key = (config, max(16, triton.next_power_of_2(lora_xa.shape[1])), lora_xa.element_size())
     c = _LORA_CONFIGS.get(key)
     if c is None:

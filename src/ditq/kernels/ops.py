@@ -103,17 +103,18 @@ class _Plan:
 
     __slots__ = ("wo", "aq", "mm", "aq_t", "mm_t", "aq_seg", "mm_seg", "out_shape", "out_dtype", "device",
                  "stream", "thread", "gen", "scratch_key", "xq_shape", "xs_shape", "storage", "wo_cfg", "n",
-                 "tail_cfg", "kept")  # fmt: skip
+                 "tail_cfg", "kept", "out_j")  # fmt: skip
 
 
 def _template(spec, bound, marks: dict) -> list:
     """The C launcher's argument list of ``spec`` in kernel order, tensors as integer pointers except those in
-    ``marks`` (object id -> marker); TMA operands expanded (xq's as the marker _XQD); constexprs appended."""
+    ``marks`` (object id -> marker); TMA operands expanded (xq's as the marker _XQD, the output's as its one
+    slot _OUT, expanded per call); constexprs appended."""
     flat, j = [], 0
     for a in spec.args:
         if a.__class__ is _quant.Tma:
             m = marks.get(id(a.t))
-            flat.extend([_XQD] if m is _XQ else bound.tma(j, a.t))
+            flat.extend([_XQD] if m is _XQ else [_OUT] if m is _OUT else bound.tma(j, a.t))
             j += 1
         elif isinstance(a, torch.Tensor):
             flat.append(marks.get(id(a)) or a.data_ptr())
@@ -204,6 +205,7 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool, act:
     y2 = y.view(m, n)
     p = _Plan()
     p.out_shape, p.out_dtype, p.device, p.wo, p.kept, p.tail_cfg = tuple(y.shape), out_dtype, x.device, weight_only, kept, None
+    p.out_j = None
     if weight_only:
         c = _configs.weight_only_config(fmt.name, m, n, k)
         if not kept:
@@ -233,6 +235,8 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool, act:
             return y, None
         marks = {id(x2): _X, id(xq): _XQ, id(xs): _XS, id(y2): _OUT}
         p.tail_cfg = c if mspec.constexprs.get("TAIL") else None
+        tmas = [a.t for a in mspec.args if a.__class__ is _quant.Tma]
+        p.out_j = next((j for j, t in enumerate(tmas) if t is y2), None)  # an output written by TMA stores
         if p.tail_cfg is not None:  # the tail's workspace: this stream's kept one, or fresh per call
             marks.update({id(mspec.args[10]): _TP, id(mspec.args[11]): _TC})
         p.aq_t = _template(aspec, p.aq, marks)
@@ -292,14 +296,14 @@ def _linear_triton(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool = 
             _bind_stream(p, stream, thread)
         a, s = p.aq_seg, p.mm_seg
         p.aq.entry.raw(*a[0], xp, *a[1])
-        p.mm.entry.raw(*s[0], op, *s[1])
+        p.mm.entry.raw(*s[0], *((op,) if p.out_j is None else p.mm.tma(p.out_j, out)), *s[1])
     else:  # fresh activation buffers (large activations, or a CUDA graph being captured)
         xq, xs = (_quant.empty(p.xq_shape, p.storage, p.device), _quant.empty(p.xs_shape, torch.float32, p.device))
         tw = _gemm.tail_buffers(p.device, p.tail_cfg, p.kept) if p.tail_cfg is not None else None
         a = _segments(p.aq, stream, _resolve(p, p.mm, p.aq_t, xq, xs))
         s = _segments(p.mm, stream, _resolve(p, p.mm, p.mm_t, xq, xs, tw=tw))
         p.aq.entry.raw(*a[0], xp, *a[1])
-        p.mm.entry.raw(*s[0], op, *s[1])
+        p.mm.entry.raw(*s[0], *((op,) if p.out_j is None else p.mm.tma(p.out_j, out)), *s[1])
     return out
 
 

@@ -42,14 +42,19 @@ def empty(shape, dtype, device) -> torch.Tensor:
 
 class Tma:
     """A TMA operand of a kernel launch: ``tensor`` (2-D, unit inner stride) seen in ``block`` boxes. Turned
-    into Triton's TensorDescriptor for the first (compiling) launch; later launches reuse encoded maps."""
+    into Triton's TensorDescriptor for the first (compiling) launch (Gluon's, for a Gluon kernel: ``layout`` is
+    then its shared-memory layout); later launches reuse encoded maps."""
 
-    __slots__ = ("t", "block")
+    __slots__ = ("t", "block", "layout")
 
-    def __init__(self, t: torch.Tensor, block: tuple):
-        self.t, self.block = t, block
+    def __init__(self, t: torch.Tensor, block: tuple, layout=None):
+        self.t, self.block, self.layout = t, block, layout
 
     def descriptor(self):
+        if self.layout is not None:
+            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+            return GluonDescriptor(self.t, list(self.t.shape), list(self.t.stride()), list(self.block), self.layout)
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         return TensorDescriptor(self.t, list(self.t.shape), list(self.t.stride()), list(self.block))
