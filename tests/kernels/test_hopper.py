@@ -57,14 +57,17 @@ def test_fallback_where_the_kernel_does_not_apply(fmt, device, poisoned, seed):
 @hopper_only
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", H.FORMATS)
-@pytest.mark.parametrize("mnk", [(77, 136, 256), (77, 128, 256), (130, 384, 1280), (1000, 2944, 3072),
-                                 (4608, 3072, 3072), (2048, 256, 128), (3000, 1000, 400)])  # fmt: skip
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mnk, out_dtype", [((m, n, k), torch.bfloat16) for m, n, k in (
+    (77, 136, 256), (77, 128, 256), (130, 384, 1280), (1000, 2944, 3072), (4608, 3072, 3072), (2048, 256, 128),
+    (3000, 1000, 400), (8192, 1792, 1792), (2432, 2048, 1280))] + [((m, n, k), dt) for m, n, k in (
+    (1000, 2944, 3072), (2432, 2048, 1280)) for dt in (torch.float16, torch.float32)])  # fmt: skip
 def test_equal_to_the_triton_kernel(fmt, mnk, out_dtype, poisoned, seed):
     """Same operands through both kernels: equal bit for bit (same products, same epilogue arithmetic), every
     element written (poisoned outputs), and within the float64 reference's bound. Shapes: row and column tails,
     one K step, a K tail (400, row format only), a half-empty 256-wide tile (N = 128, 384), a tile grid smaller
-    and larger than the SMs."""
+    and larger than the SMs, a last wave split over K into 3, 2 and 4 slices (4608 x 3072, 8192 x 1792, 2432 x
+    2048; the last slice shorter at K = 1280). A split block format sums its slices' fp32 partial sums in
+    another association than one loop does: within one bf16 rounding step there, not bit for bit."""
     m, n, k = mnk
     if F.get_format(fmt).is_block and (k % 128 or n % 128):
         pytest.skip("block formats need N and K divisible by 128")
@@ -75,11 +78,29 @@ def test_equal_to_the_triton_kernel(fmt, mnk, out_dtype, poisoned, seed):
     assert G.last_compiled is not None and G.last_compiled.name == "_ws_gemm_kernel"
     tri = G.scaled_mm(xq, xs, wq, ws, f, b, out_dtype, config=_triton_config(fmt, m, n, k))
     assert G.last_compiled.name == "_scaled_mm_kernel"
-    assert torch.equal(y, tri), f"seed {seed}: max diff {float((y.float() - tri.float()).abs().max())}"
+    _assert_same(y, tri, f.is_block and _split(m, n, k), f"seed {seed}")
     ref = F.linear_ref(x, wq, ws, f, b, torch.float64, torch.float64)
     assert F.relative_error(y, ref) < 6e-3, f"seed {seed}"
     y_nobias = G.scaled_mm(xq, xs, wq, ws, f, None, out_dtype, config=CF.WS_CONFIG)
-    assert torch.equal(y_nobias, G.scaled_mm(xq, xs, wq, ws, f, None, out_dtype, config=_triton_config(fmt, m, n, k)))
+    tri_nobias = G.scaled_mm(xq, xs, wq, ws, f, None, out_dtype, config=_triton_config(fmt, m, n, k))
+    _assert_same(y_nobias, tri_nobias, f.is_block and _split(m, n, k), f"seed {seed}, no bias")
+
+
+def _split(m, n, k) -> bool:
+    """Whether the warp-specialized launch splits its last wave over K at this shape."""
+    tiles = -(-m // H.BLOCK_M) * -(-n // H.BLOCK_N)
+    return G.tail_split(tiles, k, CF.WS_CONFIG, min(tiles, G._num_sms(torch.device("cuda"))))[1] > 1
+
+
+def _assert_same(y, tri, reassociated: bool, what: str):
+    if not reassociated:
+        assert torch.equal(y, tri), f"{what}: max diff {float((y.float() - tri.float()).abs().max())}"
+        return
+    d = (y.float() - tri.float()).abs()
+    step = tri.float().abs() * (2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-10 if y.dtype == torch.float16 else 1e-5)
+    assert bool((d <= step + 1e-6).all()), f"{what}: max diff {float(d.max())}"
+    if y.dtype != torch.float32:  # fp32 keeps the last bits that the reassociation moves: most tail elements differ
+        assert (d > 0).float().mean().item() < 0.05, f"{what}: {(d > 0).float().mean().item():.3f} of the elements differ"
 
 
 @hopper_only
@@ -97,9 +118,10 @@ def test_routing():
 @pytest.mark.parametrize("fmt", H.FORMATS)
 def test_plans_and_graphs_write_each_calls_output(fmt, seed):
     """Through ops.linear's launch plans the output's TMA map is encoded per call: several live outputs, each
-    with its own result; captured in a CUDA graph and replayed with new inputs, equal to eager calls."""
+    with its own result; captured in a CUDA graph (its own tail workspace) and replayed with new inputs, equal
+    to eager calls."""
     ops.clear_plans()
-    m, n, k = H.MIN_M + 77, 768, 1024
+    m, n, k = 2432, 2048, 1280  # a last wave split over K: the partial sums' workspace goes through the plan
     f, x, w, b, wq, ws, _, _ = _operands(fmt, m, n, k, "cuda")
     xs_in = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     general = [ops._linear_general(xi, wq, ws, f, b, None, False) for xi in xs_in]

@@ -74,9 +74,9 @@ def _nearest_tuned(fmt: str, m: int, n: int, k: int) -> Config | None:
     return best
 
 
-WS_CONFIG = Config(BLOCK_M, BLOCK_N, BLOCK_K, 8, 4, 4, ws=True)
-"""The warp-specialized Gluon kernel (``hopper.py``) with 4 stages: int8-row, int8-block and fp8-block from
-``hopper.MIN_M`` rows on a Hopper GPU (NOTES, GEMM round 7)."""
+WS_CONFIG = Config(BLOCK_M, BLOCK_N, BLOCK_K, 8, 4, 4, tail_split=4, ws=True)
+"""The warp-specialized Gluon kernel (``hopper.py``) with 4 stages, the last wave's tiles split over K into up to 4
+slices: int8-row, int8-block and fp8-block from ``hopper.MIN_M`` rows on a Hopper GPU (NOTES, GEMM round 7)."""
 
 
 @lru_cache(maxsize=4096)

@@ -472,8 +472,8 @@ def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt: F.Format, bias, out, c: Config
         from . import hopper  # it imports this module
 
         if hopper.usable(xq, wq, out, fmt, lora):
-            return hopper.scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, c.num_stages, c.group_m)
-        c = WS_FALLBACK[fmt.is_block]
+            return hopper.scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, c, tail)
+        c, tail = WS_FALLBACK[fmt.is_block], None
     m, k = xq.shape
     n = wq.shape[0]
     if fmt.is_block and (c.block_k != F.BLOCK or F.BLOCK % c.block_n):

@@ -229,7 +229,8 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool, act:
         aspec = act.spec(x2, xq, xs) if act is not None else _quant.act_quant_spec(x2, xq, xs, fmt, False)
         p.aq = _quant.bind(aspec)
         c = _configs.get_config(fmt.name, m, n, k)
-        mspec = _gemm.scaled_mm_spec(xq, xs, wq, w_scale, fmt, bias, y2, c, tail=_gemm.tail_args(xq, c, kept))
+        tw = _gemm.tail_args(xq, c, kept)
+        mspec = _gemm.scaled_mm_spec(xq, xs, wq, w_scale, fmt, bias, y2, c, tail=tw)
         p.mm = _quant.bind(mspec)
         if p.aq is None or p.mm is None:
             return y, None
@@ -237,8 +238,10 @@ def _build_plan(x, wq, w_scale, fmt: F.Format, bias, out_dtype, kept: bool, act:
         p.tail_cfg = c if mspec.constexprs.get("TAIL") else None
         tmas = [a.t for a in mspec.args if a.__class__ is _quant.Tma]
         p.out_j = next((j for j, t in enumerate(tmas) if t is y2), None)  # an output written by TMA stores
-        if p.tail_cfg is not None:  # the tail's workspace: this stream's kept one, or fresh per call
-            marks.update({id(mspec.args[10]): _TP, id(mspec.args[11]): _TC})
+        if p.tail_cfg is not None:  # the tail's workspace (or a view of it): this stream's kept one, or fresh per call
+            slots = {tw[0].data_ptr(): _TP, tw[1].data_ptr(): _TC}
+            marks.update({id(a): slots[a.data_ptr()] for a in mspec.args
+                          if isinstance(a, torch.Tensor) and a.data_ptr() in slots})  # fmt: skip
         p.aq_t = _template(aspec, p.aq, marks)
         p.mm_t = _template(mspec, p.mm, marks)
         p.xq_shape, p.xs_shape, p.storage = tuple(xq.shape), tuple(xs.shape), fmt.storage
