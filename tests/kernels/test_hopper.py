@@ -59,15 +59,15 @@ def test_fallback_where_the_kernel_does_not_apply(fmt, device, poisoned, seed):
 @pytest.mark.parametrize("fmt", H.FORMATS)
 @pytest.mark.parametrize("mnk, out_dtype", [((m, n, k), torch.bfloat16) for m, n, k in (
     (77, 136, 256), (77, 128, 256), (130, 384, 1280), (1000, 2944, 3072), (4608, 3072, 3072), (2048, 256, 128),
-    (3000, 1000, 400), (8192, 1792, 1792), (2432, 2048, 1280))] + [((m, n, k), dt) for m, n, k in (
-    (1000, 2944, 3072), (2432, 2048, 1280)) for dt in (torch.float16, torch.float32)])  # fmt: skip
+    (3000, 1000, 400), (4608, 3072, 12288), (2432, 2048, 4224))] + [((m, n, k), dt) for m, n, k in (
+    (1000, 2944, 3072), (2432, 2048, 4224)) for dt in (torch.float16, torch.float32)])  # fmt: skip
 def test_equal_to_the_triton_kernel(fmt, mnk, out_dtype, poisoned, seed):
     """Same operands through both kernels: equal bit for bit (same products, same epilogue arithmetic), every
     element written (poisoned outputs), and within the float64 reference's bound. Shapes: row and column tails,
     one K step, a K tail (400, row format only), a half-empty 256-wide tile (N = 128, 384), a tile grid smaller
-    and larger than the SMs, a last wave split over K into 3, 2 and 4 slices (4608 x 3072, 8192 x 1792, 2432 x
-    2048; the last slice shorter at K = 1280). A split block format sums its slices' fp32 partial sums in
-    another association than one loop does: within one bf16 rounding step there, not bit for bit."""
+    and larger than the SMs, a last wave split over K into 3 and 2 slices (4608 x 3072 x 12288; 2432 x 2048 x
+    4224, the last slice one step shorter). A split block format sums its slices' fp32 partial sums in another
+    association than one loop does: within one bf16 rounding step there, not bit for bit."""
     m, n, k = mnk
     if F.get_format(fmt).is_block and (k % 128 or n % 128):
         pytest.skip("block formats need N and K divisible by 128")
@@ -121,7 +121,7 @@ def test_plans_and_graphs_write_each_calls_output(fmt, seed):
     with its own result; captured in a CUDA graph (its own tail workspace) and replayed with new inputs, equal
     to eager calls."""
     ops.clear_plans()
-    m, n, k = 2432, 2048, 1280  # a last wave split over K: the partial sums' workspace goes through the plan
+    m, n, k = 2432, 2048, 4224  # a last wave split over K: the partial sums' workspace goes through the plan
     f, x, w, b, wq, ws, _, _ = _operands(fmt, m, n, k, "cuda")
     xs_in = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     general = [ops._linear_general(xi, wq, ws, f, b, None, False) for xi in xs_in]

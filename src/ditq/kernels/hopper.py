@@ -27,6 +27,8 @@ out [M, N] bf16 / fp16 / f32 contiguous with 16-byte aligned rows. Block formats
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 
@@ -55,6 +57,10 @@ SMs (below, the tuned Triton configurations of the benchmark's M = 256 / 1024 sh
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 256, 128
 OUT_N = 128  # width of one output store (a 64 x 128 tile per consumer warp group)
 SHARED_BYTES = 227 * 1024 - 1024  # a Hopper program's shared memory, less the barriers
+MIN_SLICE_STEPS = 16
+"""K steps a slice of a split last-wave tile needs at least: the partial sums' round trip (128 KB stored per
+slice, all slices read back by the last) cost more than they saved at 7-8 steps per slice (H200: int8-row
+4608x3072x3072 1.71x -> 1.58x GEMM with 3 slices of 8 steps; 4608x3072x12288 1.82x -> 1.92x with 3 of 32)."""
 
 
 if HAS_GLUON:
@@ -424,6 +430,8 @@ def scaled_mm_spec(xq, x_scale, wq, w_scale, fmt, bias, out, c, tail=None) -> _q
     part = count = None
     if tail is not None:
         part, count = tail
+        steps = triton.cdiv(k, BLOCK_K)
+        c = dataclasses.replace(c, tail_split=min(c.tail_split, steps // MIN_SLICE_STEPS))
         n_full, tail_s, k_slice = tail_split(tiles, k, c, programs)
         if tail_s == 1:
             part = count = None
